@@ -1,0 +1,53 @@
+"""fastapi_dbpool: pod-sized, deadline-bound, observable PostgreSQL pools for FastAPI."""
+
+from .errors import (
+    CheckoutTimeoutError,
+    CircuitOpenError,
+    ConcurrentSessionUseError,
+    ConfigurationError,
+    DatabaseUnavailableError,
+    DBPoolError,
+    DeadlineExceededError,
+    NotInstalledError,
+)
+from .health import router
+from .lifespan import get_runtime, install, lifespan
+from .middleware import DBPoolMiddleware
+from .runtime import DBPoolRuntime
+from .sessions import (
+    RequestSession,
+    SessionFactory,
+    get_session,
+    session,
+    session_factory,
+    session_factory_for,
+)
+from .settings import DBPoolSettings
+from .sizing import PoolBudget, ServerLimits, plan_pool
+
+__all__ = [
+    "CheckoutTimeoutError",
+    "CircuitOpenError",
+    "ConcurrentSessionUseError",
+    "ConfigurationError",
+    "DBPoolError",
+    "DBPoolMiddleware",
+    "DBPoolRuntime",
+    "DBPoolSettings",
+    "DatabaseUnavailableError",
+    "DeadlineExceededError",
+    "NotInstalledError",
+    "PoolBudget",
+    "RequestSession",
+    "ServerLimits",
+    "SessionFactory",
+    "get_runtime",
+    "get_session",
+    "install",
+    "lifespan",
+    "plan_pool",
+    "router",
+    "session",
+    "session_factory",
+    "session_factory_for",
+]

@@ -1,0 +1,384 @@
+"""Building and disposing the engines; the registry of named databases.
+
+Each named database (``primary``, ``replica``) gets one :class:`Database`: its
+SQLAlchemy ``AsyncEngine`` sized from the fleet budget, its session factory and the pool
+events that validate idle connections and track what is checked out. Deadlines are set on
+the connection when it is opened (``statement_timeout``, ``lock_timeout``,
+``idle_in_transaction_session_timeout`` as server settings, ``command_timeout`` as the
+client-side backstop), so a request pays no extra round trip for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Connection
+from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
+from sqlalchemy.util import await_
+
+from .errors import ConfigurationError, DatabaseUnavailableError
+from .settings import DBPoolSettings, safe_url
+from .sizing import BudgetError, PoolBudget, ServerLimits, plan_pool
+
+logger = logging.getLogger("fastapi_dbpool")
+
+#: Keys of ``ConnectionPoolEntry.info`` this module owns.
+_CHECKED_IN_AT = "dbpool_checked_in_at"
+_CLIENT_TIMEOUT_CHANGED = "dbpool_client_timeout_changed"
+
+_LIMITS_QUERY = """
+SELECT name, setting FROM pg_settings
+WHERE name IN ('max_connections', 'superuser_reserved_connections', 'reserved_connections')
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerInfo:
+    """What startup learned of the server."""
+
+    limits: ServerLimits
+    version: str
+
+
+class Checkout:
+    """One connection while it is checked out of the pool.
+
+    Attributes:
+        started: ``time.monotonic()`` at checkout.
+        owner: The request context that took it, or None outside any request.
+    """
+
+    __slots__ = ("__weakref__", "owner", "started")
+
+    def __init__(self, started: float, owner: object | None) -> None:
+        self.started = started
+        self.owner = owner
+
+
+class Database:
+    """One named database: engine, session factory, sizing and checkout bookkeeping.
+
+    Attributes:
+        name: ``"primary"``, ``"replica"``, ...
+        engine: The SQLAlchemy async engine.
+        sessionmaker: Factory of ``AsyncSession`` bound to the engine.
+        budget: The sizing decision.
+        server: What startup read from the server, or None if it could not.
+        checked_out: Connections currently checked out, by pool entry id.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        url: URL,
+        settings: DBPoolSettings,
+        budget: PoolBudget,
+        server: ServerInfo | None,
+        session_class: type[Any],
+    ) -> None:
+        self.name = name
+        self.url = url
+        self.safe_url = safe_url(url)
+        self.settings = settings
+        self.budget = budget
+        self.server = server
+        self.checked_out: dict[int, Checkout] = {}
+        self.engine: AsyncEngine = create_async_engine(
+            url,
+            pool_size=budget.pool_size,
+            max_overflow=budget.max_overflow,
+            pool_timeout=settings.checkout_timeout,
+            pool_recycle=settings.pool_recycle,
+            # Validation is ours: only connections idle longer than pre_ping_idle.
+            pool_pre_ping=False,
+            # LIFO keeps the most recently used connections busy, so fewer of them sit
+            # idle long enough to need validation.
+            pool_use_lifo=True,
+            connect_args=connect_args(settings),
+        )
+        self.sessionmaker: async_sessionmaker[Any] = async_sessionmaker(
+            self.engine, class_=session_class, expire_on_commit=False
+        )
+        self._install_pool_events()
+
+    @property
+    def pool(self) -> QueuePool:
+        """The engine's queue pool."""
+        pool = self.engine.sync_engine.pool
+        assert isinstance(pool, QueuePool)
+        return pool
+
+    def pool_status(self) -> dict[str, int]:
+        """Pool numbers as the contract names them (read, never blocking)."""
+        pool = self.pool
+        checked_out = pool.checkedout()
+        return {
+            "size": pool.size(),
+            "checked_out": checked_out,
+            "idle": pool.checkedin(),
+            # SQLAlchemy's overflow() starts at -pool_size; the contract means the
+            # overflow connections that exist now.
+            "overflow": max(0, pool.overflow()),
+            "max": self.budget.max_size,
+            "waiting": self.waiting(),
+        }
+
+    def waiting(self) -> int:
+        """Tasks waiting for a connection right now."""
+        # QueuePool keeps its waiters in a threading.Condition over a deque.
+        queue = getattr(self.pool, "_pool", None)
+        waiters = getattr(getattr(queue, "not_empty", None), "_waiters", None)
+        return len(waiters) if waiters is not None else 0
+
+    def set_client_timeout(self, conn: Connection, timeout: float) -> None:
+        """Give one checked-out connection a per-route client-side deadline.
+
+        asyncpg reads ``command_timeout`` from the connection's config at each call, so
+        replacing it here moves the client's backstop with the route's statement timeout;
+        the default comes back when the connection is checked in.
+        """
+        fairy = conn.connection
+        driver: Any = fairy.driver_connection
+        config = getattr(driver, "_config", None)
+        if config is None or not hasattr(config, "_replace"):
+            return
+        driver._config = config._replace(
+            command_timeout=timeout + self.settings.client_timeout_grace
+        )
+        fairy.info[_CLIENT_TIMEOUT_CHANGED] = True
+
+    async def warm(self) -> None:
+        """Open ``pool_size`` connections now so the first requests pay no connect."""
+        conns = await asyncio.gather(
+            *(self.engine.connect() for _ in range(self.budget.pool_size)),
+            return_exceptions=True,
+        )
+        for conn in conns:
+            if not isinstance(conn, BaseException):
+                await conn.close()
+        failures = [c for c in conns if isinstance(c, BaseException)]
+        if failures:
+            logger.warning(
+                "could not warm the %s pool: %d of %d connections failed (%s)",
+                self.name,
+                len(failures),
+                len(conns),
+                type(failures[0]).__name__,
+            )
+
+    async def dispose(self) -> None:
+        """Close every connection: pooled ones, and any still checked out."""
+        await self.engine.dispose()
+
+    def _install_pool_events(self) -> None:
+        pre_ping = self.settings.pool_pre_ping
+        idle_limit = self.settings.pre_ping_idle
+        checked_out = self.checked_out
+        monotonic = time.monotonic
+
+        def on_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+            record.info[_CHECKED_IN_AT] = monotonic()
+
+        def on_checkout(
+            dbapi_connection: Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
+        ) -> None:
+            now = monotonic()
+            if pre_ping and now - record.info.get(_CHECKED_IN_AT, now) > idle_limit:
+                _ping(dbapi_connection)
+            checked_out[id(record)] = Checkout(now, None)
+
+        default_client_timeout = self.settings.command_timeout + self.settings.client_timeout_grace
+
+        def on_checkin(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+            record.info[_CHECKED_IN_AT] = monotonic()
+            checked_out.pop(id(record), None)
+            if record.info.pop(_CLIENT_TIMEOUT_CHANGED, False) and dbapi_connection is not None:
+                driver = dbapi_connection.driver_connection
+                driver._config = driver._config._replace(command_timeout=default_client_timeout)
+
+        def on_close(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+            checked_out.pop(id(record), None)
+
+        pool = self.engine.sync_engine.pool
+        event.listen(pool, "connect", on_connect)
+        event.listen(pool, "checkout", on_checkout)
+        event.listen(pool, "checkin", on_checkin)
+        event.listen(pool, "close", on_close)
+        event.listen(pool, "invalidate", lambda c, r, e: checked_out.pop(id(r), None))
+
+
+def _ping(dbapi_connection: Any) -> None:
+    # One round trip (";"), not SQLAlchemy's BEGIN/ping/ROLLBACK; raising
+    # DisconnectionError makes the pool discard this connection and try a fresh one.
+    try:
+        await_(dbapi_connection.driver_connection.fetchrow(";"))
+    except Exception as exc:
+        raise DisconnectionError(
+            f"idle connection failed validation: {type(exc).__name__}"
+        ) from exc
+
+
+def connect_args(settings: DBPoolSettings) -> dict[str, Any]:
+    """asyncpg ``connect()`` arguments that carry the deadlines and application_name."""
+    return {
+        "timeout": settings.connect_timeout,
+        # The client-side backstop: the server's statement_timeout fires first; this one
+        # holds when the server cannot answer at all (network black hole).
+        "command_timeout": settings.command_timeout + settings.client_timeout_grace,
+        "server_settings": {
+            "application_name": settings.application_name,
+            "statement_timeout": _ms(settings.command_timeout),
+            "lock_timeout": _ms(settings.lock_timeout),
+            "idle_in_transaction_session_timeout": _ms(settings.idle_in_transaction_timeout),
+        },
+    }
+
+
+def _ms(seconds: float) -> str:
+    return f"{max(1, round(seconds * 1000))}ms"
+
+
+async def read_server(url: URL, settings: DBPoolSettings) -> ServerInfo:
+    """Read the connection limits and version of the server behind ``url``.
+
+    Raises:
+        DatabaseUnavailableError: The server cannot be reached within
+            ``DB_CONNECT_TIMEOUT``.
+    """
+    try:
+        conn = await asyncpg.connect(
+            dsn=url.set(drivername="postgresql").render_as_string(hide_password=False),
+            timeout=settings.connect_timeout,
+            server_settings={"application_name": settings.application_name},
+        )
+    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+        raise DatabaseUnavailableError(
+            f"cannot reach {safe_url(url)} to read max_connections: {type(exc).__name__}",
+            database="primary",
+            retry_after=settings.connect_timeout,
+        ) from None
+    try:
+        rows = await conn.fetch(_LIMITS_QUERY, timeout=settings.connect_timeout)
+        version = await conn.fetchval("SHOW server_version", timeout=settings.connect_timeout)
+    finally:
+        await conn.close(timeout=settings.connect_timeout)
+    values = {row["name"]: int(row["setting"]) for row in rows}
+    return ServerInfo(
+        limits=ServerLimits(
+            max_connections=values["max_connections"],
+            superuser_reserved_connections=values.get("superuser_reserved_connections", 3),
+            reserved_connections=values.get("reserved_connections", 0),
+        ),
+        version=str(version),
+    )
+
+
+def decide_budget(name: str, settings: DBPoolSettings, server: ServerInfo | None) -> PoolBudget:
+    """Size one database's pool from the settings and what the server allows.
+
+    Raises:
+        ConfigurationError: The budget cannot fit the fleet, or cannot be known.
+    """
+    explicit_budget = settings.max_connections if name == "primary" else None
+    if explicit_budget is not None:
+        budget, source = explicit_budget, "DB_MAX_CONNECTIONS"
+        if server is not None and budget > server.limits.available:
+            message = (
+                f"DB_MAX_CONNECTIONS={budget} is more than the {server.limits.available} "
+                f"connections the {name} server allows (max_connections="
+                f"{server.limits.max_connections} minus reserved slots)"
+            )
+            if settings.strict_budget:
+                raise ConfigurationError(message)
+            logger.warning(message, extra={"database": name})
+    elif server is not None:
+        budget = server.limits.available
+        source = (
+            f"server max_connections={server.limits.max_connections} - "
+            f"{server.limits.superuser_reserved_connections} superuser_reserved - "
+            f"{server.limits.reserved_connections} reserved"
+        )
+    elif settings.pool_size is not None:
+        # No server to ask and no budget given: trust the explicit sizes.
+        budget, source = 10**6, "unknown: server unreachable at startup"
+    else:
+        raise ConfigurationError(
+            f"cannot size the {name} pool: the server could not be reached to read "
+            "max_connections; set DB_MAX_CONNECTIONS (or DB_POOL_SIZE) to start without it"
+        )
+    try:
+        return plan_pool(
+            budget=budget,
+            budget_source=source,
+            pods=settings.pod_count,
+            workers=settings.web_concurrency,
+            surge=settings.surge(),
+            pool_size=settings.pool_size,
+            max_overflow=settings.max_overflow,
+            strict=settings.strict_budget,
+        )
+    except BudgetError as exc:
+        raise ConfigurationError(f"{name} database: {exc}") from None
+
+
+async def build_databases(
+    settings: DBPoolSettings, session_class: type[Any]
+) -> Mapping[str, Database]:
+    """Read each server, size its pool, build its engine, warm it; log the decision.
+
+    Raises:
+        ConfigurationError: No DATABASE_URL, or a pool cannot be sized.
+    """
+    urls = settings.urls()
+    if "primary" not in urls:
+        raise ConfigurationError(
+            "DATABASE_URL is not set: fastapi_dbpool needs the primary database's URL "
+            "(environment variable DATABASE_URL or DBPoolSettings(database_url=...))"
+        )
+    databases: dict[str, Database] = {}
+    try:
+        for name, url in urls.items():
+            try:
+                server: ServerInfo | None = await read_server(url, settings)
+            except DatabaseUnavailableError as exc:
+                logger.warning("%s database: %s", name, exc, extra={"database": name})
+                server = None
+            budget = decide_budget(name, settings, server)
+            if budget.warning:
+                logger.warning(
+                    "%s pool oversubscribes its budget: %s",
+                    name,
+                    budget.warning,
+                    extra={"database": name},
+                )
+            database = Database(
+                name=name,
+                url=url,
+                settings=settings,
+                budget=budget,
+                server=server,
+                session_class=session_class,
+            )
+            databases[name] = database
+            logger.info(
+                "%s pool: %s",
+                name,
+                budget.describe(),
+                extra={"database": name, "sizing": budget.as_dict()},
+            )
+            if settings.warm_pool and server is not None:
+                await database.warm()
+    except BaseException:
+        await asyncio.gather(*(d.dispose() for d in databases.values()), return_exceptions=True)
+        raise
+    return databases

@@ -1,0 +1,99 @@
+"""Startup and shutdown: building the runtime, composing with the app's own lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+from starlette.applications import Starlette
+
+from .context import STATE_KEY
+from .errors import NotInstalledError
+from .runtime import DBPoolRuntime
+from .settings import DBPoolSettings
+
+logger = logging.getLogger("fastapi_dbpool")
+
+_SETTINGS_ATTR = "fastapi_dbpool_settings"
+_RUNTIME_ATTR = "fastapi_dbpool"
+
+Lifespan = Callable[[Any], AbstractAsyncContextManager[Any]]
+
+
+@asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+    """The fastapi_dbpool lifespan: ``FastAPI(lifespan=dbpool.lifespan)``.
+
+    Reads the settings (from ``dbpool.install(app, settings=...)`` or the environment),
+    sizes and builds the engines, and disposes them at shutdown after requests in flight
+    have drained.
+
+    Raises:
+        ConfigurationError: A setting is invalid; startup stops.
+    """
+    settings = getattr(app.state, _SETTINGS_ATTR, None) or DBPoolSettings.from_env()
+    runtime = await DBPoolRuntime.start(settings)
+    setattr(app.state, _RUNTIME_ATTR, runtime)
+    try:
+        yield {STATE_KEY: runtime}
+    finally:
+        try:
+            await runtime.close()
+        finally:
+            setattr(app.state, _RUNTIME_ATTR, None)
+
+
+def get_runtime(app: Starlette) -> DBPoolRuntime:
+    """The running app's :class:`DBPoolRuntime`, e.g. in the app's own lifespan.
+
+    ``dbpool.get_runtime(app).engine()`` is the primary's engine.
+
+    Raises:
+        NotInstalledError: The dbpool lifespan is not running for this app.
+    """
+    runtime = getattr(app.state, _RUNTIME_ATTR, None)
+    if not isinstance(runtime, DBPoolRuntime):
+        raise NotInstalledError(
+            "the fastapi_dbpool lifespan is not running for this app: use "
+            "`FastAPI(lifespan=dbpool.lifespan)` or `dbpool.install(app)`"
+        )
+    return runtime
+
+
+def compose(ours: Lifespan, theirs: Lifespan) -> Lifespan:
+    """A lifespan that enters ``ours`` first, then ``theirs``; state from both."""
+
+    @asynccontextmanager
+    async def composed(app: Any) -> AsyncIterator[dict[str, Any]]:
+        async with ours(app) as our_state, theirs(app) as their_state:
+            state: dict[str, Any] = dict(our_state or {})
+            state.update(their_state or {})
+            yield state
+
+    return composed
+
+
+def install(app: Starlette, *, settings: DBPoolSettings | None = None) -> None:
+    """Wire fastapi_dbpool into ``app`` in one line.
+
+    Wraps the app's lifespan (ours starts first, so the app's own startup code can use
+    ``dbpool.get_runtime(app)``), adds :class:`DBPoolMiddleware` and includes
+    ``dbpool.router``. Call it before the app starts.
+
+    Args:
+        app: The FastAPI (or Starlette) application.
+        settings: Settings to use instead of the environment.
+
+    Raises:
+        RuntimeError: The app has already started.
+    """
+    from .health import router
+    from .middleware import DBPoolMiddleware
+
+    if settings is not None:
+        setattr(app.state, _SETTINGS_ATTR, settings)
+    app.router.lifespan_context = compose(lifespan, app.router.lifespan_context)
+    app.add_middleware(DBPoolMiddleware)
+    app.include_router(router)  # type: ignore[attr-defined]

@@ -1,0 +1,155 @@
+"""DBPoolMiddleware, pure ASGI: the request scope of the database.
+
+Per HTTP request it sets the request context, releases the request's connections before
+the response's first byte (or when a streamed body ends), commits first in autocommit
+mode, turns database failures into 503/504 JSON responses, and cancels the handler when
+the client disconnects mid-query. At startup it checks that the dbpool lifespan ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .context import STATE_KEY, current_request
+from .errors import NotInstalledError
+from .requests import RequestContext
+from .responses import ErrorResponse, map_exception
+from .runtime import DBPoolRuntime
+
+logger = logging.getLogger("fastapi_dbpool")
+
+LIFESPAN_MISSING = (
+    "DBPoolMiddleware is installed but the fastapi_dbpool lifespan did not run: create the "
+    "app with `FastAPI(lifespan=dbpool.lifespan)` or call `dbpool.install(app)`"
+)
+
+
+class DBPoolMiddleware:
+    """Pure ASGI middleware giving each request its database scope.
+
+    Add it with ``app.add_middleware(dbpool.DBPoolMiddleware)`` (``dbpool.install(app)``
+    does it for you).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await self.app(scope, receive, _check_startup(scope, send))
+            return
+        state = scope.get("state")
+        runtime = state.get(STATE_KEY) if state else None
+        if not isinstance(runtime, DBPoolRuntime):
+            raise NotInstalledError(LIFESPAN_MISSING)
+        ctx = RequestContext(runtime, scope, receive)
+        token = current_request.set(ctx)
+        runtime.request_started()
+        try:
+            if kind == "http":
+                await self._http(ctx, runtime, send)
+            else:
+                try:
+                    await self.app(scope, receive, send)
+                finally:
+                    await ctx.finish()
+        finally:
+            runtime.request_finished()
+            current_request.reset(token)
+
+    async def _http(self, ctx: RequestContext, runtime: DBPoolRuntime, send: Send) -> None:
+        started = False
+        stream_open = False
+        replaced = False
+        autocommit = runtime.settings.autocommit
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal started, stream_open, replaced
+            if replaced:
+                return
+            kind = message["type"]
+            if kind == "http.response.start":
+                started = True
+                if ctx.has_sessions:
+                    status = message["status"]
+                    if autocommit and status < 400:
+                        try:
+                            await ctx.commit()
+                        except Exception as exc:
+                            # No 2xx for a write that did not commit.
+                            replaced = True
+                            await ctx.release()
+                            await _send_error(send, _commit_failure(exc, runtime))
+                            return
+                    if _has_content_length(message):
+                        await ctx.release()
+                    else:
+                        stream_open = True
+            elif kind == "http.response.body" and stream_open and not message.get("more_body"):
+                stream_open = False
+                await ctx.release()
+            await send(message)
+
+        try:
+            await self.app(ctx.scope, ctx.receive, send_wrapper)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not ctx.cancelled_on_disconnect or task is None:
+                await ctx.finish()
+                raise
+            # We cancelled the handler because the client left; nobody awaits a response.
+            task.uncancel()
+            await ctx.finish()
+            return
+        except Exception as exc:
+            mapped = map_exception(exc, checkout_timeout=runtime.settings.checkout_timeout)
+            await ctx.finish()
+            if mapped is None or started:
+                raise
+            logger.warning(
+                "database failure answered %d: %s",
+                mapped.status,
+                type(exc).__name__,
+                extra={"status": mapped.status, "error": type(exc).__name__},
+            )
+            await _send_error(send, mapped)
+            return
+        await ctx.finish()
+
+
+def _has_content_length(message: Message) -> bool:
+    return any(name == b"content-length" for name, _ in message.get("headers", ()))
+
+
+def _commit_failure(exc: Exception, runtime: DBPoolRuntime) -> ErrorResponse:
+    mapped = map_exception(exc, checkout_timeout=runtime.settings.checkout_timeout)
+    if mapped is not None:
+        return mapped
+    from sqlalchemy.exc import IntegrityError
+
+    if isinstance(exc, IntegrityError):
+        return ErrorResponse(409, "the change conflicts with existing data and was not saved")
+    logger.error("commit failed: %s", type(exc).__name__, extra={"error": type(exc).__name__})
+    return ErrorResponse(500, "the change could not be saved")
+
+
+async def _send_error(send: Send, error: ErrorResponse) -> None:
+    await send({"type": "http.response.start", "status": error.status, "headers": error.headers()})
+    await send({"type": "http.response.body", "body": error.body()})
+
+
+def _check_startup(scope: Scope, send: Send) -> Send:
+    async def checked(message: Message) -> None:
+        if message["type"] == "lifespan.startup.complete":
+            state = scope.get("state")
+            if not state or STATE_KEY not in state:
+                logger.error(LIFESPAN_MISSING)
+                await send({"type": "lifespan.startup.failed", "message": LIFESPAN_MISSING})
+                return
+        await send(message)
+
+    return checked

@@ -1,0 +1,215 @@
+"""RequestContext: what one HTTP request holds of the database, and how it lets go.
+
+The middleware makes one per request and puts it in the ``current_request`` ContextVar.
+Sessions are made lazily, one per database; the context releases them (rollback, or
+commit in autocommit mode, then the connection goes back to the pool) at the response's
+start, or at the end of a streamed body, and always when the request's ASGI call ends.
+Closing is shielded: a cancelled request still gives its connections back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.types import Message, Receive, Scope
+
+from .errors import ConfigurationError
+from .sessions import DATABASE_KEY, TIMEOUT_KEY, RequestSession, SessionFactory
+
+if TYPE_CHECKING:
+    from .runtime import DBPoolRuntime
+
+logger = logging.getLogger("fastapi_dbpool")
+
+#: A request still running this long after it first used the database starts watching
+#: for the client's disconnect (cheaper than watching every request from the start).
+DISCONNECT_WATCH_DELAY = 0.25
+
+
+class RequestContext:
+    """The database side of one request. Internal: reached through ``get_session``."""
+
+    __slots__ = (
+        "_app_receiving",
+        "_buffer",
+        "_ready",
+        "_receive",
+        "_timer",
+        "_watcher",
+        "cancelled_on_disconnect",
+        "extra_sessions",
+        "finished",
+        "runtime",
+        "scope",
+        "sessions",
+        "task",
+    )
+
+    def __init__(self, runtime: DBPoolRuntime, scope: Scope, receive: Receive) -> None:
+        self.runtime = runtime
+        self.scope = scope
+        self.sessions: dict[str, RequestSession] | None = None
+        self.extra_sessions: set[AsyncSession] | None = None
+        self.finished = False
+        self.task: asyncio.Task[Any] | None = None
+        self.cancelled_on_disconnect = False
+        self._receive = receive
+        self._timer: asyncio.TimerHandle | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._buffer: collections.deque[Message] | None = None
+        self._ready: asyncio.Event | None = None
+        self._app_receiving = False
+
+    # -- sessions -------------------------------------------------------------------
+
+    def session(self, database: str, timeout: float | None) -> RequestSession:
+        """The request's session on ``database``, made on first use."""
+        sessions = self.sessions
+        if sessions is None:
+            sessions = self.sessions = {}
+            self._arm_disconnect_watch()
+        found = sessions.get(database)
+        if found is None:
+            db = self.runtime.database(database)
+            self.runtime.check_available(db)
+            found = db.sessionmaker()
+            found.info[DATABASE_KEY] = db
+            sessions[database] = found
+        if timeout is not None:
+            current = found.info.get(TIMEOUT_KEY)
+            found.info[TIMEOUT_KEY] = timeout if current is None else min(current, timeout)
+        return found
+
+    def factory(self, database: str) -> SessionFactory:
+        """A factory of independent sessions on ``database`` for this request."""
+        db = self.runtime.database(database)
+        if self.extra_sessions is None:
+            self.extra_sessions = set()
+            self._arm_disconnect_watch()
+        extra = self.extra_sessions
+
+        @asynccontextmanager
+        async def open_session() -> AsyncIterator[AsyncSession]:
+            self.runtime.check_available(db)
+            sess = db.sessionmaker()
+            sess.info[DATABASE_KEY] = db
+            extra.add(sess)
+            try:
+                yield sess
+            finally:
+                extra.discard(sess)
+                await _close_shielded(sess)
+
+        return open_session
+
+    @property
+    def has_sessions(self) -> bool:
+        """Whether this request made any session."""
+        return bool(self.sessions) or bool(self.extra_sessions)
+
+    async def commit(self) -> None:
+        """Commit every request session (autocommit mode, before the status line)."""
+        if self.sessions:
+            for sess in self.sessions.values():
+                if sess.in_transaction():
+                    await sess.commit()
+
+    async def release(self) -> None:
+        """Roll back and return every connection of the request sessions to the pool."""
+        if self.sessions:
+            for sess in self.sessions.values():
+                await _close_shielded(sess)
+
+    async def finish(self) -> None:
+        """The request's ASGI call is over: release everything, stop watching."""
+        self.finished = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
+        await self.release()
+        if self.extra_sessions:
+            for sess in list(self.extra_sessions):
+                await _close_shielded(sess)
+
+    # -- client disconnects ---------------------------------------------------------
+
+    def _arm_disconnect_watch(self) -> None:
+        if self._timer is None and self.scope["type"] == "http":
+            self.task = asyncio.current_task()
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(DISCONNECT_WATCH_DELAY, self._start_watch)
+
+    def _start_watch(self) -> None:
+        self._timer = None
+        if self.finished or self._watcher is not None:
+            return
+        if self._app_receiving:
+            # The application is reading the body itself; look again later rather than
+            # race it for the next message.
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(DISCONNECT_WATCH_DELAY, self._start_watch)
+            return
+        self._buffer = collections.deque()
+        self._ready = asyncio.Event()
+        self._watcher = asyncio.get_running_loop().create_task(
+            self._watch(), name="fastapi_dbpool.disconnect_watch"
+        )
+
+    async def _watch(self) -> None:
+        assert self._buffer is not None and self._ready is not None
+        while True:
+            message = await self._receive()
+            self._buffer.append(message)
+            self._ready.set()
+            if message["type"] == "http.disconnect":
+                break
+        # The client is gone while the handler still works: cancel it, so the running
+        # query is cancelled on the server and the connection goes back to the pool.
+        if not self.finished and self.task is not None and not self.task.done():
+            self.cancelled_on_disconnect = True
+            self.task.cancel()
+
+    async def receive(self) -> Message:
+        """The ``receive`` the application sees; shares messages with the watcher."""
+        buffer = self._buffer
+        if buffer is None:
+            self._app_receiving = True
+            try:
+                return await self._receive()
+            finally:
+                self._app_receiving = False
+        ready = self._ready
+        assert ready is not None
+        while not buffer:
+            ready.clear()
+            await ready.wait()
+        message = buffer[0]
+        if message["type"] != "http.disconnect":
+            buffer.popleft()
+        return message
+
+
+async def _close_shielded(sess: AsyncSession) -> None:
+    # FastAPI and uvicorn may cancel the request task (client gone, shutdown deadline);
+    # the close must still complete or the connection is lost to the pool.
+    close = asyncio.ensure_future(sess.close())
+    try:
+        await asyncio.shield(close)
+    except asyncio.CancelledError:
+        await asyncio.wait([close])
+        raise
+
+
+def unknown_database(name: str, known: list[str]) -> ConfigurationError:
+    """The error for a session on a database that is not configured."""
+    hint = " (set DATABASE_REPLICA_URL)" if name == "replica" else ""
+    return ConfigurationError(
+        f"no database named {name!r}{hint}; configured: {', '.join(sorted(known))}"
+    )

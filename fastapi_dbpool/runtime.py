@@ -1,0 +1,107 @@
+"""DBPoolRuntime: the one object per application that owns everything app-long.
+
+The lifespan builds it and yields it in the lifespan state; middleware, dependencies and
+routes reach it through the request scope. Nothing here is module-level, so two apps (or
+two tests) in one process never share a pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+
+from .engines import Database, build_databases
+from .requests import unknown_database
+from .sessions import RequestSession
+from .settings import DBPoolSettings
+
+logger = logging.getLogger("fastapi_dbpool")
+
+
+class DBPoolRuntime:
+    """Engines by name and the app-long state around them.
+
+    Attributes:
+        settings: The validated settings.
+        databases: Each named database.
+        draining: True once shutdown has begun.
+        in_flight: HTTP requests being served now.
+    """
+
+    def __init__(self, settings: DBPoolSettings, databases: Mapping[str, Database]) -> None:
+        self.settings = settings
+        self.databases = dict(databases)
+        self.draining = False
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @classmethod
+    async def start(cls, settings: DBPoolSettings) -> DBPoolRuntime:
+        """Size, build and warm every engine.
+
+        Raises:
+            ConfigurationError: A setting or the budget is invalid.
+        """
+        databases = await build_databases(settings, RequestSession)
+        return cls(settings, databases)
+
+    def database(self, name: str) -> Database:
+        """The named database.
+
+        Raises:
+            ConfigurationError: No database of that name is configured.
+        """
+        try:
+            return self.databases[name]
+        except KeyError:
+            raise unknown_database(name, list(self.databases)) from None
+
+    def engine(self, name: str = "primary") -> AsyncEngine:
+        """The ``AsyncEngine`` of a named database (for startup code, jobs, scripts)."""
+        return self.database(name).engine
+
+    def sessionmaker(self, name: str = "primary") -> async_sessionmaker[Any]:
+        """The session factory of a named database (for work outside requests)."""
+        return self.database(name).sessionmaker
+
+    def check_available(self, db: Database) -> None:
+        """Raise at once when ``db`` must not be used now (circuit open)."""
+
+    def request_started(self) -> None:
+        """Count a request in flight."""
+        self.in_flight += 1
+        self._idle.clear()
+
+    def request_finished(self) -> None:
+        """Count a request done."""
+        self.in_flight -= 1
+        if self.in_flight <= 0:
+            self._idle.set()
+
+    async def close(self) -> None:
+        """Drain in-flight requests (up to ``DB_DRAIN_TIMEOUT``), then dispose every engine."""
+        self.draining = True
+        if self.in_flight:
+            logger.info(
+                "draining: waiting up to %.1fs for %d requests in flight",
+                self.settings.drain_timeout,
+                self.in_flight,
+                extra={"in_flight": self.in_flight},
+            )
+            try:
+                await asyncio.wait_for(self._idle.wait(), self.settings.drain_timeout)
+            except TimeoutError:
+                logger.warning(
+                    "drain timed out after %.1fs with %d requests still in flight",
+                    self.settings.drain_timeout,
+                    self.in_flight,
+                    extra={"in_flight": self.in_flight},
+                )
+        for db in self.databases.values():
+            await db.dispose()
+        logger.info("engines disposed: %s", ", ".join(self.databases))

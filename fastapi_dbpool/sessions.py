@@ -1,0 +1,179 @@
+"""``get_session`` and the session dependency factories; the request session's guard.
+
+Every ``Depends(get_session)`` of one request gets the same :class:`RequestSession`; the
+middleware gives its connection back to the pool before the response's first byte (or
+when a streamed body ends). Deadlines live on the connection (see ``engines.py``); a
+per-route statement timeout, ``Depends(session(timeout=2.5))``, adds a ``SET LOCAL
+statement_timeout`` to the transaction of that request only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any, TypeVar, cast
+
+from sqlalchemy import event
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session, SessionTransaction
+
+from .context import current_request
+from .errors import ConcurrentSessionUseError, NotInstalledError
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+#: Keys of ``AsyncSession.info`` this library owns.
+TIMEOUT_KEY = "dbpool_timeout"
+DATABASE_KEY = "dbpool_database"
+
+_MIDDLEWARE_MISSING = (
+    "get_session needs DBPoolMiddleware: add `app.add_middleware(dbpool.DBPoolMiddleware)` "
+    "(or call `dbpool.install(app)`)"
+)
+
+
+def _guarded(method: F) -> F:
+    @functools.wraps(method)
+    async def wrapper(self: RequestSession, *args: Any, **kwargs: Any) -> Any:
+        task = asyncio.current_task()
+        owner = self._dbpool_owner
+        if owner is not None and owner is not task:
+            raise ConcurrentSessionUseError(
+                "the request's database session is already in use by another task "
+                f"({owner.get_name()}); one AsyncSession cannot run two operations at "
+                "once. Give each concurrent task its own session: "
+                "`factory = Depends(dbpool.session_factory)`, then `async with factory() "
+                "as s: ...`"
+            )
+        self._dbpool_depth += 1
+        self._dbpool_owner = task
+        try:
+            return await method(self, *args, **kwargs)
+        finally:
+            self._dbpool_depth -= 1
+            if self._dbpool_depth == 0:
+                self._dbpool_owner = None
+
+    return cast(F, wrapper)
+
+
+class RequestSession(AsyncSession):
+    """The ``AsyncSession`` handed to requests: refuses concurrent use from two tasks.
+
+    asyncpg allows one operation per connection at a time; without this guard two tasks
+    sharing a session fail with asyncpg's "another operation is in progress" or corrupt
+    the session's state.
+    """
+
+    _dbpool_owner: asyncio.Task[Any] | None = None
+    _dbpool_depth: int = 0
+
+    execute = _guarded(AsyncSession.execute)
+    scalar = _guarded(AsyncSession.scalar)  # type: ignore[assignment,arg-type]
+    scalars = _guarded(AsyncSession.scalars)
+    get = _guarded(AsyncSession.get)
+    get_one = _guarded(AsyncSession.get_one)
+    stream = _guarded(AsyncSession.stream)
+    stream_scalars = _guarded(AsyncSession.stream_scalars)
+    refresh = _guarded(AsyncSession.refresh)
+    merge = _guarded(AsyncSession.merge)
+    delete = _guarded(AsyncSession.delete)
+    flush = _guarded(AsyncSession.flush)
+    commit = _guarded(AsyncSession.commit)
+    rollback = _guarded(AsyncSession.rollback)
+    run_sync = _guarded(AsyncSession.run_sync)
+    connection = _guarded(AsyncSession.connection)
+
+
+@event.listens_for(Session, "after_begin")
+def _apply_route_timeout(
+    session: Session, transaction: SessionTransaction, conn: Connection
+) -> None:
+    # Only sessions with a per-route timeout pay this round trip; the default
+    # statement_timeout was set when the connection was opened.
+    timeout = session.info.get(TIMEOUT_KEY)
+    if timeout is None:
+        return
+    conn.exec_driver_sql(f"SET LOCAL statement_timeout = {max(1, round(timeout * 1000))}")
+    database = session.info.get(DATABASE_KEY)
+    if database is not None:
+        database.set_client_timeout(conn, timeout)
+
+
+async def get_session() -> AsyncSession:
+    """FastAPI dependency: the request's session on the primary database.
+
+    Use as ``session: AsyncSession = Depends(get_session)``. All uses within one request
+    share one session; its connection goes back to the pool before the response is sent.
+
+    Raises:
+        NotInstalledError: DBPoolMiddleware is not installed.
+        CircuitOpenError: The primary's circuit breaker is open (503).
+    """
+    ctx = current_request.get()
+    if ctx is None:
+        raise NotInstalledError(_MIDDLEWARE_MISSING)
+    return ctx.session("primary", None)
+
+
+@functools.cache
+def session(
+    database: str = "primary", *, timeout: float | None = None
+) -> Callable[[], Awaitable[AsyncSession]]:
+    """A dependency for a named database and/or a per-route statement timeout.
+
+    ``Depends(dbpool.session("replica"))`` reaches the read replica;
+    ``Depends(dbpool.session(timeout=2.5))`` gives this route's statements 2.5 s on the
+    server (504 when exceeded) instead of ``DB_COMMAND_TIMEOUT``. Within one request, all
+    dependencies on one database share one session; when several routes' timeouts meet in
+    one request, the shortest applies.
+
+    Args:
+        database: Name of the database: ``"primary"`` or ``"replica"``.
+        timeout: Statement timeout in seconds for this route, enforced by PostgreSQL.
+
+    Raises:
+        ValueError: ``timeout`` is not greater than 0.
+    """
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"timeout must be greater than 0, got {timeout!r}")
+
+    async def dependency() -> AsyncSession:
+        ctx = current_request.get()
+        if ctx is None:
+            raise NotInstalledError(_MIDDLEWARE_MISSING)
+        return ctx.session(database, timeout)
+
+    dependency.__name__ = f"session_{database}" + (f"_{timeout}s" if timeout else "")
+    return dependency
+
+
+#: What ``Depends(dbpool.session_factory)`` gives: ``async with factory() as s: ...``.
+SessionFactory = Callable[[], AbstractAsyncContextManager[AsyncSession]]
+
+
+def session_factory_for(database: str = "primary") -> Callable[[], Awaitable[SessionFactory]]:
+    """A dependency that returns a factory of independent sessions (for fan-out).
+
+    Each ``async with factory() as s:`` block gets its own session and connection, so
+    concurrent tasks of one handler can query in parallel. Sessions still open when the
+    request completes are closed by the middleware and reported as leaks.
+
+    Args:
+        database: Name of the database.
+    """
+
+    async def dependency() -> SessionFactory:
+        ctx = current_request.get()
+        if ctx is None:
+            raise NotInstalledError(_MIDDLEWARE_MISSING)
+        return ctx.factory(database)
+
+    return dependency
+
+
+#: ``Depends(dbpool.session_factory)``: independent sessions on the primary for fan-out.
+session_factory = session_factory_for("primary")
