@@ -19,13 +19,13 @@ from typing import Any
 
 import asyncpg
 from sqlalchemy import event
-from sqlalchemy.engine import URL, Connection
+from sqlalchemy.engine import URL, Connection, ExceptionContext
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
 from sqlalchemy.util import await_
 
-from .errors import ConfigurationError, DatabaseUnavailableError
+from .errors import ConfigurationError, DatabaseUnavailableError, DeadlineExceededError
 from .settings import DBPoolSettings, safe_url
 from .sizing import BudgetError, PoolBudget, ServerLimits, plan_pool
 
@@ -57,9 +57,10 @@ class Checkout:
         owner: The request context that took it, or None outside any request.
     """
 
-    __slots__ = ("__weakref__", "owner", "started")
+    __slots__ = ("__weakref__", "owner", "record", "started")
 
-    def __init__(self, started: float, owner: object | None) -> None:
+    def __init__(self, record: ConnectionPoolEntry, started: float, owner: object | None) -> None:
+        self.record = record
         self.started = started
         self.owner = owner
 
@@ -179,6 +180,21 @@ class Database:
     async def dispose(self) -> None:
         """Close every connection: pooled ones, and any still checked out."""
         await self.engine.dispose()
+        stragglers = list(self.checked_out.values())
+        self.checked_out.clear()
+        for checkout in stragglers:
+            # Held past shutdown (a leak, or a task that ignored the drain): close the
+            # socket so the server frees the backend now instead of at GC time.
+            driver = getattr(checkout.record.dbapi_connection, "driver_connection", None)
+            if driver is not None:
+                driver.terminate()
+        if stragglers:
+            logger.warning(
+                "%s: closed %d connections still checked out at shutdown",
+                self.name,
+                len(stragglers),
+                extra={"database": self.name, "connections": len(stragglers)},
+            )
 
     def _install_pool_events(self) -> None:
         pre_ping = self.settings.pool_pre_ping
@@ -195,7 +211,7 @@ class Database:
             now = monotonic()
             if pre_ping and now - record.info.get(_CHECKED_IN_AT, now) > idle_limit:
                 _ping(dbapi_connection)
-            checked_out[id(record)] = Checkout(now, None)
+            checked_out[id(record)] = Checkout(record, now, None)
 
         default_client_timeout = self.settings.command_timeout + self.settings.client_timeout_grace
 
@@ -209,6 +225,22 @@ class Database:
         def on_close(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
             checked_out.pop(id(record), None)
 
+        name = self.name
+        client_deadline = self.settings.command_timeout + self.settings.client_timeout_grace
+
+        def on_error(context: ExceptionContext) -> None:
+            if isinstance(context.original_exception, TimeoutError):
+                # asyncpg's client-side command_timeout: the server did not answer in time
+                # (it may be unreachable). The connection's state is unknown, so it is
+                # discarded rather than reused.
+                context.is_disconnect = True
+                raise DeadlineExceededError(
+                    f"the {name} database did not answer within its deadline",
+                    database=name,
+                    timeout=client_deadline,
+                ) from context.original_exception
+
+        event.listen(self.engine.sync_engine, "handle_error", on_error)
         pool = self.engine.sync_engine.pool
         event.listen(pool, "connect", on_connect)
         event.listen(pool, "checkout", on_checkout)

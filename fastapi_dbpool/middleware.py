@@ -147,9 +147,9 @@ def _check_startup(scope: Scope, send: Send) -> Send:
         if message["type"] == "lifespan.startup.complete":
             state = scope.get("state")
             if not state or STATE_KEY not in state:
-                logger.error(LIFESPAN_MISSING)
-                await send({"type": "lifespan.startup.failed", "message": LIFESPAN_MISSING})
-                return
+                # Raised into the app's lifespan, which then reports startup.failed with
+                # this message and runs the app's own shutdown code.
+                raise NotInstalledError(LIFESPAN_MISSING)
         await send(message)
 
     return checked

@@ -199,12 +199,25 @@ class RequestContext:
 async def _close_shielded(sess: AsyncSession) -> None:
     # FastAPI and uvicorn may cancel the request task (client gone, shutdown deadline);
     # the close must still complete or the connection is lost to the pool.
-    close = asyncio.ensure_future(sess.close())
+    close = asyncio.ensure_future(_close_when_idle(sess))
     try:
         await asyncio.shield(close)
     except asyncio.CancelledError:
         await asyncio.wait([close])
         raise
+
+
+async def _close_when_idle(sess: AsyncSession) -> None:
+    if isinstance(sess, RequestSession) and sess.busy_elsewhere():
+        # A task the handler spawned still runs a statement on this session: closing now
+        # would break it mid-protocol. Its statement ends by the session's deadline.
+        db = sess.info.get(DATABASE_KEY)
+        settings = getattr(db, "settings", None)
+        limit = settings.command_timeout + settings.client_timeout_grace if settings else 30.0
+        if not await sess.wait_idle(limit):
+            await sess.invalidate()
+            return
+    await sess.close()
 
 
 def unknown_database(name: str, known: list[str]) -> ConfigurationError:

@@ -56,6 +56,8 @@ def _guarded(method: F) -> F:
             self._dbpool_depth -= 1
             if self._dbpool_depth == 0:
                 self._dbpool_owner = None
+                if self._dbpool_idle is not None:
+                    self._dbpool_idle.set()
 
     return cast(F, wrapper)
 
@@ -70,6 +72,24 @@ class RequestSession(AsyncSession):
 
     _dbpool_owner: asyncio.Task[Any] | None = None
     _dbpool_depth: int = 0
+    _dbpool_idle: asyncio.Event | None = None
+
+    def busy_elsewhere(self) -> bool:
+        """Whether another task than the current one is running an operation now."""
+        owner = self._dbpool_owner
+        return owner is not None and owner is not asyncio.current_task()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no task runs an operation on this session; False on timeout."""
+        while self._dbpool_owner is not None:
+            if self._dbpool_idle is None:
+                self._dbpool_idle = asyncio.Event()
+            self._dbpool_idle.clear()
+            try:
+                await asyncio.wait_for(self._dbpool_idle.wait(), timeout)
+            except TimeoutError:
+                return False
+        return True
 
     execute = _guarded(AsyncSession.execute)
     scalar = _guarded(AsyncSession.scalar)  # type: ignore[assignment,arg-type]

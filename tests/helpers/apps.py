@@ -1,0 +1,80 @@
+"""Building and running test apps: in-process (httpx ASGI) or behind a real uvicorn."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import uvicorn
+from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
+
+import fastapi_dbpool as dbpool
+
+
+def settings_for(database_url: str, **overrides: Any) -> dbpool.DBPoolSettings:
+    """Settings for a test app: small pool, explicit budget, fast deadlines."""
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "pool_size": 4,
+        "max_overflow": 0,
+        "checkout_timeout": 2.0,
+        "application_name": "dbpool-test",
+    }
+    values.update(overrides)
+    return dbpool.DBPoolSettings(**values)
+
+
+def make_app(settings: dbpool.DBPoolSettings, **fastapi_kwargs: Any) -> FastAPI:
+    """A FastAPI app wired with ``dbpool.install``."""
+    app = FastAPI(**fastapi_kwargs)
+    dbpool.install(app, settings=settings)
+    return app
+
+
+@asynccontextmanager
+async def client_for(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """Run the app's lifespan and give an in-process client."""
+    async with (
+        LifespanManager(app, startup_timeout=30, shutdown_timeout=30) as manager,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=manager.app), base_url="http://test"
+        ) as client,
+    ):
+        yield client
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@asynccontextmanager
+async def serve(app: FastAPI, **config: Any) -> AsyncIterator[str]:
+    """Serve the app with a real uvicorn in this event loop; yields the base URL."""
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", **config
+        )
+    )
+    task = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(30):
+            while not server.started:
+                if task.done():
+                    task.result()
+                    raise RuntimeError("uvicorn stopped during startup")
+                await asyncio.sleep(0.01)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        async with asyncio.timeout(30):
+            await task

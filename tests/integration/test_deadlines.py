@@ -1,0 +1,256 @@
+"""Deadlines, each enforced by the real server (or, for a dead network, by the client)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import asyncpg
+import httpx
+import pytest
+from fastapi import Depends
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+import fastapi_dbpool as dbpool
+from fastapi_dbpool import get_session
+from tests.helpers.apps import client_for, make_app, serve, settings_for
+from tests.integration.test_sessions import checked_out, create_items, plain_dsn
+
+
+async def activity(url: str, application_name: str) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(plain_dsn(url))
+    try:
+        return list(
+            await conn.fetch(
+                "SELECT state, query FROM pg_stat_activity "
+                "WHERE application_name = $1 AND pid <> pg_backend_pid()",
+                application_name,
+            )
+        )
+    finally:
+        await conn.close()
+
+
+async def wait_for(predicate, timeout: float, what: str) -> float:  # type: ignore[no-untyped-def]
+    """Poll an async predicate until it holds; return the seconds it took."""
+    start = time.monotonic()
+    deadline = start + timeout
+    while True:
+        if await predicate():
+            return time.monotonic() - start
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not true within {timeout}s")
+        await asyncio.sleep(0.02)
+
+
+async def test_no_pooled_connection_within_checkout_timeout_is_503_with_retry_after(
+    database_url: str,
+) -> None:
+    app = make_app(settings_for(database_url, pool_size=1, checkout_timeout=0.5))
+    holding = asyncio.Event()
+    release = asyncio.Event()
+
+    @app.get("/hold")
+    async def hold(session: AsyncSession = Depends(get_session)) -> dict[str, int]:
+        await session.execute(text("SELECT 1"))
+        holding.set()
+        await release.wait()
+        return {"held": 1}
+
+    @app.get("/query")
+    async def query(session: AsyncSession = Depends(get_session)) -> dict[str, int]:
+        return {"value": (await session.execute(text("SELECT 1"))).scalar_one()}
+
+    async with client_for(app) as client:
+        holder = asyncio.create_task(client.get("/hold"))
+        await asyncio.wait_for(holding.wait(), 5)
+        started = time.monotonic()
+        response = await client.get("/query")
+        waited = time.monotonic() - started
+        release.set()
+        assert (await holder).status_code == 200
+        after = await client.get("/query")
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert response.headers["content-type"] == "application/json"
+    assert "busy" in response.json()["detail"]
+    assert 0.45 <= waited < 2.0
+    assert after.json() == {"value": 1}
+
+
+async def test_statement_timeout_is_enforced_by_the_server_as_504(database_url: str) -> None:
+    app = make_app(settings_for(database_url, command_timeout=0.5, application_name="dbpool-st"))
+
+    @app.get("/slow")
+    async def slow(session: AsyncSession = Depends(get_session)) -> None:
+        await session.execute(text("SELECT pg_sleep(30)"))
+
+    @app.get("/state")
+    async def state(session: AsyncSession = Depends(get_session)) -> dict[str, str]:
+        return {"tx": (await session.execute(text("SHOW statement_timeout"))).scalar_one()}
+
+    async with client_for(app) as client:
+        started = time.monotonic()
+        response = await client.get("/slow")
+        elapsed = time.monotonic() - started
+        assert response.status_code == 504
+        assert response.json() == {"detail": "the database statement exceeded its time limit"}
+        assert 0.45 <= elapsed < 2.0
+        # The query is gone from the server and nothing is left idle in a transaction.
+        rows = await activity(database_url, "dbpool-st")
+        assert not [r for r in rows if "pg_sleep" in (r["query"] or "") and r["state"] == "active"]
+        assert not [r for r in rows if r["state"] == "idle in transaction"]
+        assert checked_out(app) == 0
+        # The connection is clean: the next request on it works.
+        assert (await client.get("/state")).json() == {"tx": "500ms"}
+
+
+async def test_per_route_timeout_overrides_the_default_both_ways(database_url: str) -> None:
+    app = make_app(settings_for(database_url, command_timeout=0.4, client_timeout_grace=0.3))
+
+    @app.get("/strict")
+    async def strict(session: AsyncSession = Depends(dbpool.session(timeout=0.2))) -> None:
+        await session.execute(text("SELECT pg_sleep(5)"))
+
+    @app.get("/report")
+    async def report(
+        session: AsyncSession = Depends(dbpool.session(timeout=3)),
+    ) -> dict[str, str]:
+        # Longer than both the default statement timeout and the client-side backstop.
+        await session.execute(text("SELECT pg_sleep(1.0)"))
+        return {"timeout": (await session.execute(text("SHOW statement_timeout"))).scalar_one()}
+
+    @app.get("/default")
+    async def default(session: AsyncSession = Depends(get_session)) -> dict[str, str]:
+        return {"timeout": (await session.execute(text("SHOW statement_timeout"))).scalar_one()}
+
+    async with client_for(app) as client:
+        started = time.monotonic()
+        strict_response = await client.get("/strict")
+        strict_elapsed = time.monotonic() - started
+        report_response = await client.get("/report")
+        default_response = await client.get("/default")
+    assert strict_response.status_code == 504
+    assert strict_elapsed < 0.4 + 0.3  # the route's 0.2 s fired, not the default
+    assert report_response.status_code == 200, report_response.text
+    assert report_response.json() == {"timeout": "3s"}
+    # The override was SET LOCAL: it did not leak to the next transaction.
+    assert default_response.json() == {"timeout": "400ms"}
+
+
+async def test_lock_timeout_is_enforced_by_the_server(database_url: str) -> None:
+    await create_items(database_url)
+    app = make_app(settings_for(database_url, lock_timeout=0.3))
+
+    @app.put("/items/1")
+    async def update(session: AsyncSession = Depends(get_session)) -> None:
+        await session.execute(text("UPDATE items SET name = 'mine' WHERE id = 1"))
+        await session.commit()
+
+    blocker = await asyncpg.connect(plain_dsn(database_url))
+    try:
+        await blocker.execute("INSERT INTO items (name) VALUES ('a')")
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute("SELECT * FROM items WHERE id = 1 FOR UPDATE")
+        async with client_for(app) as client:
+            started = time.monotonic()
+            response = await client.put("/items/1")
+            elapsed = time.monotonic() - started
+        await tx.rollback()
+    finally:
+        await blocker.close()
+    assert response.status_code == 504
+    assert "lock" in response.json()["detail"]
+    assert 0.25 <= elapsed < 2.0
+
+
+async def test_client_disconnect_cancels_the_query_and_frees_the_connection(
+    database_url: str,
+) -> None:
+    app = make_app(settings_for(database_url, application_name="dbpool-disc"))
+    started = asyncio.Event()
+
+    @app.get("/long")
+    async def long(session: AsyncSession = Depends(get_session)) -> None:
+        started.set()
+        await session.execute(text("SELECT pg_sleep(60)"))
+
+    async def query_running() -> bool:
+        rows = await activity(database_url, "dbpool-disc")
+        return any("pg_sleep" in (r["query"] or "") and r["state"] == "active" for r in rows)
+
+    async def query_gone() -> bool:
+        return not await query_running()
+
+    async with serve(app) as base_url:
+        async with httpx.AsyncClient(base_url=base_url) as client:
+            request = asyncio.create_task(client.get("/long"))
+            await asyncio.wait_for(started.wait(), 5)
+            await wait_for(query_running, 5, "pg_sleep running on the server")
+            request.cancel()  # the client gives up and closes its connection
+            with pytest.raises(asyncio.CancelledError):
+                await request
+        took = await wait_for(query_gone, 3, "query cancelled on the server")
+
+        async def pool_free() -> bool:
+            return checked_out(app) == 0
+
+        await wait_for(pool_free, 3, "connection back in the pool")
+        rows = await activity(database_url, "dbpool-disc")
+        assert not [r for r in rows if r["state"] in ("idle in transaction", "active")]
+    assert took < 1.0 + 0.25
+
+
+async def test_error_bodies_and_logs_carry_no_url_password_or_parameters(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = "s3cr3t-Pa55"
+    url = database_url.replace("postgres@", f"postgres:{secret}@", 1)
+    assert secret in url
+    app = make_app(settings_for(url, pool_size=1, checkout_timeout=0.3, command_timeout=0.3))
+    holding = asyncio.Event()
+    release = asyncio.Event()
+
+    @app.get("/hold")
+    async def hold(session: AsyncSession = Depends(get_session)) -> None:
+        await session.execute(text("SELECT 1"))
+        holding.set()
+        await release.wait()
+
+    @app.get("/slow")
+    async def slow(session: AsyncSession = Depends(get_session)) -> None:
+        await session.execute(text("SELECT pg_sleep(:s), :tag"), {"s": 5, "tag": "param-XYZ"})
+
+    caplog.set_level(logging.DEBUG, logger="fastapi_dbpool")
+    async with client_for(app) as client:
+        timeout_response = await client.get("/slow")
+        holder = asyncio.create_task(client.get("/hold"))
+        await asyncio.wait_for(holding.wait(), 5)
+        busy_response = await client.get("/slow")
+        release.set()
+        await holder
+    assert timeout_response.status_code == 504
+    assert busy_response.status_code == 503
+    host = database_url.split("@", 1)[1].split("/", 1)[0]
+    for response in (timeout_response, busy_response):
+        for forbidden in (secret, "param-XYZ", host, "pg_sleep"):
+            assert forbidden not in response.text
+            assert forbidden not in str(response.headers)
+    assert secret not in caplog.text
+    assert "param-XYZ" not in caplog.text
+
+
+async def test_unreachable_server_error_masks_the_password(database_url: str) -> None:
+    app = make_app(
+        settings_for(
+            "postgresql://app:hunter2-pw@127.0.0.1:1/nowhere", connect_timeout=0.5, pool_size=None
+        )
+    )
+    with pytest.raises(dbpool.ConfigurationError) as info:
+        async with client_for(app):
+            pass
+    assert "hunter2-pw" not in str(info.value)
+    assert "DB_MAX_CONNECTIONS" in str(info.value)

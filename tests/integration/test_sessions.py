@@ -1,0 +1,290 @@
+"""One session per request, released before the response, rolled back unless committed."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+import pytest
+from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException
+from fastapi.responses import StreamingResponse
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+import fastapi_dbpool as dbpool
+from fastapi_dbpool import get_session
+from tests.helpers.apps import client_for, make_app, settings_for
+
+
+def plain_dsn(url: str) -> str:
+    return url.replace("postgresql+asyncpg://", "postgresql://")
+
+
+async def create_items(url: str, *, deferred_unique: bool = False) -> None:
+    conn = await asyncpg.connect(plain_dsn(url))
+    try:
+        unique = " UNIQUE DEFERRABLE INITIALLY DEFERRED" if deferred_unique else ""
+        await conn.execute(f"CREATE TABLE items (id serial PRIMARY KEY, name text{unique})")
+    finally:
+        await conn.close()
+
+
+async def item_names(url: str) -> list[str]:
+    conn = await asyncpg.connect(plain_dsn(url))
+    try:
+        return [r["name"] for r in await conn.fetch("SELECT name FROM items ORDER BY id")]
+    finally:
+        await conn.close()
+
+
+def checked_out(app: FastAPI, name: str = "primary") -> int:
+    return dbpool.get_runtime(app).databases[name].pool_status()["checked_out"]
+
+
+async def test_every_dependency_of_a_request_gets_the_same_session(database_url: str) -> None:
+    app = make_app(settings_for(database_url))
+    seen: list[AsyncSession] = []
+
+    async def sub(session: AsyncSession = Depends(get_session)) -> AsyncSession:
+        seen.append(session)
+        return session
+
+    @app.get("/same")
+    async def same(
+        a: AsyncSession = Depends(get_session),
+        b: AsyncSession = Depends(sub),
+        c: AsyncSession = Depends(dbpool.session()),
+    ) -> dict[str, Any]:
+        return {"same": a is b is c, "query": (await a.execute(text("SELECT 1"))).scalar()}
+
+    async with client_for(app) as client:
+        first = await client.get("/same")
+        second = await client.get("/same")
+    assert first.json() == {"same": True, "query": 1}
+    assert second.json() == {"same": True, "query": 1}
+    # A new request gets a new session.
+    assert len(seen) == 2 and seen[0] is not seen[1]
+
+
+async def test_connection_is_back_in_the_pool_before_background_tasks_run(
+    database_url: str,
+) -> None:
+    app = make_app(settings_for(database_url))
+    observed: list[int] = []
+
+    @app.get("/query")
+    async def query(
+        background: BackgroundTasks, session: AsyncSession = Depends(get_session)
+    ) -> dict[str, int]:
+        await session.execute(text("SELECT 1"))
+        assert checked_out(app) == 1  # the handler really holds a connection
+        background.add_task(lambda: observed.append(checked_out(app)))
+        return {"ok": 1}
+
+    async with client_for(app) as client:
+        response = await client.get("/query")
+    assert response.status_code == 200
+    assert observed == [0]
+
+
+async def test_uncommitted_work_is_rolled_back_and_committed_work_kept(database_url: str) -> None:
+    await create_items(database_url)
+    app = make_app(settings_for(database_url))
+
+    @app.post("/items/{name}")
+    async def add(
+        name: str, commit: bool, session: AsyncSession = Depends(get_session)
+    ) -> dict[str, str]:
+        await session.execute(text("INSERT INTO items (name) VALUES (:n)"), {"n": name})
+        if commit:
+            await session.commit()
+        return {"name": name}
+
+    async with client_for(app) as client:
+        assert (await client.post("/items/kept", params={"commit": True})).status_code == 200
+        assert (await client.post("/items/dropped", params={"commit": False})).status_code == 200
+    assert await item_names(database_url) == ["kept"]
+
+
+async def test_error_in_handler_rolls_back(database_url: str) -> None:
+    await create_items(database_url)
+    app = make_app(settings_for(database_url, autocommit=True))
+
+    @app.post("/fail")
+    async def fail(session: AsyncSession = Depends(get_session)) -> None:
+        await session.execute(text("INSERT INTO items (name) VALUES ('never')"))
+        raise HTTPException(status_code=422, detail="rejected")
+
+    async with client_for(app) as client:
+        response = await client.post("/fail")
+        assert checked_out(app) == 0
+    assert response.status_code == 422
+    assert await item_names(database_url) == []
+
+
+async def test_autocommit_commits_before_the_status_line(database_url: str) -> None:
+    await create_items(database_url)
+    app = make_app(settings_for(database_url, autocommit=True))
+    committed_before_body: list[list[str]] = []
+
+    @app.post("/items/{name}")
+    async def add(
+        name: str, background: BackgroundTasks, session: AsyncSession = Depends(get_session)
+    ) -> dict[str, str]:
+        await session.execute(text("INSERT INTO items (name) VALUES (:n)"), {"n": name})
+
+        async def look() -> None:
+            committed_before_body.append(await item_names(database_url))
+
+        background.add_task(look)
+        return {"name": name}
+
+    async with client_for(app) as client:
+        response = await client.post("/items/auto")
+    assert response.status_code == 200
+    # Another connection sees the row once the response has gone out.
+    assert committed_before_body == [["auto"]]
+
+
+async def test_autocommit_failure_is_never_a_2xx(database_url: str) -> None:
+    # A deferred unique constraint fails at COMMIT, after the handler returned 201.
+    await create_items(database_url, deferred_unique=True)
+    app = make_app(settings_for(database_url, autocommit=True))
+
+    @app.post("/dupes", status_code=201)
+    async def dupes(session: AsyncSession = Depends(get_session)) -> dict[str, str]:
+        await session.execute(text("INSERT INTO items (name) VALUES ('x'), ('x')"))
+        return {"created": "x"}
+
+    async with client_for(app) as client:
+        response = await client.post("/dupes")
+        assert response.status_code == 409
+        assert "created" not in response.text
+        assert response.json()["detail"]
+        assert checked_out(app) == 0
+    assert await item_names(database_url) == []
+
+
+async def test_streaming_response_uses_the_session_until_the_stream_ends(
+    database_url: str,
+) -> None:
+    app = make_app(settings_for(database_url))
+    held_during_stream: list[int] = []
+    observed_after: list[int] = []
+
+    @app.get("/export")
+    async def export(
+        background: BackgroundTasks, session: AsyncSession = Depends(get_session)
+    ) -> StreamingResponse:
+        async def rows() -> Any:
+            for i in range(3):
+                value = (await session.execute(text("SELECT CAST(:i AS int)"), {"i": i})).scalar()
+                held_during_stream.append(checked_out(app))
+                yield f"{value}\n"
+
+        background.add_task(lambda: observed_after.append(checked_out(app)))
+        return StreamingResponse(rows(), media_type="text/plain", background=background)
+
+    async with client_for(app) as client:
+        response = await client.get("/export")
+    assert response.text == "0\n1\n2\n"
+    assert held_during_stream == [1, 1, 1]
+    assert observed_after == [0]
+
+
+async def test_concurrent_use_of_the_request_session_is_a_clear_error(database_url: str) -> None:
+    app = make_app(settings_for(database_url))
+
+    @app.get("/fanout-wrong")
+    async def wrong(session: AsyncSession = Depends(get_session)) -> dict[str, Any]:
+        results = await asyncio.gather(
+            session.execute(text("SELECT pg_sleep(0.2)")),
+            session.execute(text("SELECT pg_sleep(0.2)")),
+            return_exceptions=True,
+        )
+        errors = [r for r in results if isinstance(r, BaseException)]
+        return {"errors": [f"{type(e).__name__}: {e}" for e in errors]}
+
+    @app.get("/fanout-right")
+    async def right(
+        factory: dbpool.SessionFactory = Depends(dbpool.session_factory),
+    ) -> dict[str, list[int]]:
+        async def one(i: int) -> int:
+            async with factory() as s:
+                return int((await s.execute(text("SELECT CAST(:i AS int)"), {"i": i})).scalar_one())
+
+        return {"values": list(await asyncio.gather(*(one(i) for i in range(3))))}
+
+    async with client_for(app) as client:
+        wrong_body = (await client.get("/fanout-wrong")).json()
+        right_body = (await client.get("/fanout-right")).json()
+        assert checked_out(app) == 0
+    # One of the two ran; the other was refused with a message that says what to do.
+    assert len(wrong_body["errors"]) == 1
+    assert wrong_body["errors"][0].startswith("ConcurrentSessionUseError: ")
+    assert "already in use by another task" in wrong_body["errors"][0]
+    assert "session_factory" in wrong_body["errors"][0]
+    assert right_body == {"values": [0, 1, 2]}
+
+
+async def test_missing_middleware_names_the_line(database_url: str) -> None:
+    app = FastAPI(lifespan=dbpool.lifespan)
+
+    @app.get("/q")
+    async def q(session: AsyncSession = Depends(get_session)) -> None:
+        return None
+
+    app.state.fastapi_dbpool_settings = settings_for(database_url)
+    async with client_for(app) as client:
+        with pytest.raises(
+            dbpool.NotInstalledError, match=r"app.add_middleware\(dbpool.DBPoolMiddleware\)"
+        ):
+            await client.get("/q")
+
+
+async def test_missing_lifespan_stops_startup_with_the_line_to_add() -> None:
+    app = FastAPI()
+    app.add_middleware(dbpool.DBPoolMiddleware)
+    with pytest.raises(RuntimeError, match=r"FastAPI\(lifespan=dbpool.lifespan\)"):
+        async with client_for(app):
+            pass
+
+
+async def test_replica_is_reached_by_name(database_url: str, admin_url: str) -> None:
+    replica_db = "replica_" + database_url.rsplit("/", 1)[1]
+    admin = await asyncpg.connect(plain_dsn(admin_url))
+    try:
+        await admin.execute(f'CREATE DATABASE "{replica_db}"')
+        replica_url = database_url.rsplit("/", 1)[0] + "/" + replica_db
+        app = make_app(settings_for(database_url, replica_url=replica_url))
+
+        @app.get("/which")
+        async def which(
+            primary: AsyncSession = Depends(get_session),
+            replica: AsyncSession = Depends(dbpool.session("replica")),
+        ) -> dict[str, str]:
+            return {
+                "primary": (await primary.execute(text("SELECT current_database()"))).scalar_one(),
+                "replica": (await replica.execute(text("SELECT current_database()"))).scalar_one(),
+            }
+
+        async with client_for(app) as client:
+            body = (await client.get("/which")).json()
+            assert checked_out(app, "replica") == 0
+        assert body == {"primary": database_url.rsplit("/", 1)[1], "replica": replica_db}
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{replica_db}" WITH (FORCE)')
+        await admin.close()
+
+
+async def test_unknown_database_name_is_a_clear_error(database_url: str) -> None:
+    app = make_app(settings_for(database_url))
+
+    @app.get("/r")
+    async def r(session: AsyncSession = Depends(dbpool.session("replica"))) -> None:
+        return None
+
+    async with client_for(app) as client:
+        with pytest.raises(dbpool.ConfigurationError, match="DATABASE_REPLICA_URL"):
+            await client.get("/r")
