@@ -25,7 +25,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
 from sqlalchemy.util import await_
 
+from .breaker import CircuitBreaker, is_connection_failure
+from .context import current_request
 from .errors import ConfigurationError, DatabaseUnavailableError, DeadlineExceededError
+from .pool import InstrumentedQueuePool, PoolStats, attach
 from .settings import DBPoolSettings, safe_url
 from .sizing import BudgetError, PoolBudget, ServerLimits, plan_pool
 
@@ -94,6 +97,12 @@ class Database:
         self.budget = budget
         self.server = server
         self.checked_out: dict[int, Checkout] = {}
+        self.stats = PoolStats()
+        self.breaker = CircuitBreaker(
+            name,
+            failure_threshold=settings.circuit_failure_threshold,
+            recovery_timeout=settings.circuit_recovery_timeout,
+        )
         self.engine: AsyncEngine = create_async_engine(
             url,
             pool_size=budget.pool_size,
@@ -105,8 +114,10 @@ class Database:
             # LIFO keeps the most recently used connections busy, so fewer of them sit
             # idle long enough to need validation.
             pool_use_lifo=True,
+            poolclass=InstrumentedQueuePool,
             connect_args=connect_args(settings),
         )
+        attach(self.engine.sync_engine.pool, self.stats, self.breaker)
         self.sessionmaker: async_sessionmaker[Any] = async_sessionmaker(
             self.engine, class_=session_class, expire_on_commit=False
         )
@@ -135,11 +146,8 @@ class Database:
         }
 
     def waiting(self) -> int:
-        """Tasks waiting for a connection right now."""
-        # QueuePool keeps its waiters in a threading.Condition over a deque.
-        queue = getattr(self.pool, "_pool", None)
-        waiters = getattr(getattr(queue, "not_empty", None), "_waiters", None)
-        return len(waiters) if waiters is not None else 0
+        """Tasks inside a checkout right now (waiting for, or opening, a connection)."""
+        return self.stats.waiting
 
     def set_client_timeout(self, conn: Connection, timeout: float) -> None:
         """Give one checked-out connection a per-route client-side deadline.
@@ -215,9 +223,14 @@ class Database:
 
         default_client_timeout = self.settings.command_timeout + self.settings.client_timeout_grace
 
+        use_time = self.stats.use_time
+
         def on_checkin(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
-            record.info[_CHECKED_IN_AT] = monotonic()
-            checked_out.pop(id(record), None)
+            now = monotonic()
+            record.info[_CHECKED_IN_AT] = now
+            checkout = checked_out.pop(id(record), None)
+            if checkout is not None:
+                use_time.observe(now - checkout.started)
             if record.info.pop(_CLIENT_TIMEOUT_CHANGED, False) and dbapi_connection is not None:
                 driver = dbapi_connection.driver_connection
                 driver._config = driver._config._replace(command_timeout=default_client_timeout)
@@ -228,8 +241,24 @@ class Database:
         name = self.name
         client_deadline = self.settings.command_timeout + self.settings.client_timeout_grace
 
+        stats = self.stats
+        breaker = self.breaker
+
         def on_error(context: ExceptionContext) -> None:
-            if isinstance(context.original_exception, TimeoutError):
+            original = context.original_exception
+            if context.is_disconnect or is_connection_failure(original):
+                breaker.record_failure()
+                ctx = current_request.get()
+                if ctx is not None:
+                    ctx.failed = True
+            if isinstance(original, asyncpg.exceptions.QueryCanceledError) and (
+                "statement timeout" in str(original)
+            ):
+                stats.statement_timeouts += 1
+            if isinstance(original, TimeoutError):
+                stats.statement_timeouts += 1
+                # Only this connection is suspect; keep the rest of the pool.
+                context.invalidate_pool_on_disconnect = False
                 # asyncpg's client-side command_timeout: the server did not answer in time
                 # (it may be unreachable). The connection's state is unknown, so it is
                 # discarded rather than reused.

@@ -1,4 +1,9 @@
-"""The /health routes: liveness, and readiness answered from cached state."""
+"""The /health routes: liveness, and readiness answered from cached state.
+
+``/health/database`` reads what the background probe last saw, the breaker and the pool's
+counters; it never checks out a connection, so it answers in microseconds however often
+it is asked and whatever state the database is in.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,17 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from .breaker import BreakerState
 from .context import STATE_KEY
 from .errors import NotInstalledError
 from .runtime import DBPoolRuntime
 
 router = APIRouter(tags=["health"])
+
+OK = "ok"
+DEGRADED = "degraded"
+UNAVAILABLE = "unavailable"
+DRAINING = "draining"
 
 
 def _runtime(request: Request) -> DBPoolRuntime:
@@ -27,22 +38,58 @@ def _runtime(request: Request) -> DBPoolRuntime:
 @router.get("/health/live", include_in_schema=False)
 async def health_live() -> dict[str, str]:
     """Liveness: 200 whenever the process can serve; never touches the database."""
-    return {"status": "ok"}
+    return {"status": OK}
 
 
 @router.get("/health/database", include_in_schema=False)
 async def health_database(request: Request) -> JSONResponse:
-    """Readiness: database state from the pool, never a checkout."""
+    """Readiness: breaker, probe and pool state of every database (cached, no checkout)."""
     runtime = _runtime(request)
+    body, code = readiness(runtime)
+    return JSONResponse(body, status_code=code)
+
+
+def readiness(runtime: DBPoolRuntime) -> tuple[dict[str, Any], int]:
+    """The readiness body and status code from the runtime's cached state."""
+    settings = runtime.settings
     databases: dict[str, Any] = {}
-    overall = "ok"
+    overall = OK
     for name, db in runtime.databases.items():
+        probe = runtime.probes[name].result
+        breaker = db.breaker
         pool = db.pool_status()
-        status = "ok"
-        if pool["checked_out"] >= pool["max"] and pool["waiting"] > 0:
-            status = "degraded"
-            overall = "degraded"
-        databases[name] = {"status": status, "pool": pool, "sizing": db.budget.as_dict()}
+        if breaker.state is BreakerState.OPEN or probe.ok is False:
+            status = UNAVAILABLE
+        elif breaker.state is BreakerState.HALF_OPEN or (
+            pool["checked_out"] >= pool["max"] and pool["waiting"] > 0
+        ):
+            status = DEGRADED
+        else:
+            status = OK
+        entry: dict[str, Any] = {
+            "status": status,
+            "circuit_breaker": breaker.snapshot(),
+            "pool": pool,
+            "probe": {
+                "ok": probe.ok,
+                "latency_ms": None if probe.latency is None else round(probe.latency * 1000, 3),
+                "error": probe.error,
+                "interval": settings.health_check_interval,
+            },
+            "sizing": db.budget.as_dict(),
+        }
+        if settings.health_details:
+            entry["server_version"] = db.server.version if db.server else None
+            entry["url"] = db.safe_url
+        databases[name] = entry
+        if status == UNAVAILABLE and name == "primary":
+            overall = UNAVAILABLE
+        elif status != OK and overall == OK:
+            overall = DEGRADED
     if runtime.draining:
-        return JSONResponse({"status": "draining", "databases": databases}, status_code=503)
-    return JSONResponse({"status": overall, "databases": databases})
+        return {"status": DRAINING, "databases": databases}, 503
+    if overall == UNAVAILABLE:
+        if settings.readiness_requires_database:
+            return {"status": UNAVAILABLE, "databases": databases}, 503
+        overall = DEGRADED
+    return {"status": overall, "databases": databases}, 200

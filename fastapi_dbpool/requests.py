@@ -44,6 +44,7 @@ class RequestContext:
         "_watcher",
         "cancelled_on_disconnect",
         "extra_sessions",
+        "failed",
         "finished",
         "runtime",
         "scope",
@@ -57,6 +58,7 @@ class RequestContext:
         self.sessions: dict[str, RequestSession] | None = None
         self.extra_sessions: set[AsyncSession] | None = None
         self.finished = False
+        self.failed = False
         self.task: asyncio.Task[Any] | None = None
         self.cancelled_on_disconnect = False
         self._receive = receive
@@ -124,6 +126,12 @@ class RequestContext:
         """Roll back and return every connection of the request sessions to the pool."""
         if self.sessions:
             for sess in self.sessions.values():
+                if not self.failed and sess.in_transaction():
+                    # It reached the database and nothing failed at the connection level:
+                    # a success for the breaker (what closes it after a half-open trial).
+                    breaker = sess.info[DATABASE_KEY].breaker
+                    if breaker.failures or not breaker.is_closed:
+                        breaker.record_success()
                 await _close_shielded(sess)
 
     async def finish(self) -> None:

@@ -15,6 +15,8 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from .engines import Database, build_databases
+from .errors import CircuitOpenError
+from .probe import DatabaseProbe
 from .requests import unknown_database
 from .sessions import RequestSession
 from .settings import DBPoolSettings
@@ -39,6 +41,11 @@ class DBPoolRuntime:
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        timeout = min(settings.connect_timeout, settings.health_check_interval)
+        self.probes = {
+            name: DatabaseProbe(db, interval=settings.health_check_interval, timeout=timeout)
+            for name, db in self.databases.items()
+        }
 
     @classmethod
     async def start(cls, settings: DBPoolSettings) -> DBPoolRuntime:
@@ -48,7 +55,13 @@ class DBPoolRuntime:
             ConfigurationError: A setting or the budget is invalid.
         """
         databases = await build_databases(settings, RequestSession)
-        return cls(settings, databases)
+        runtime = cls(settings, databases)
+        # The first probe runs before the app takes traffic, so readiness is truthful
+        # from the first request on.
+        await asyncio.gather(*(probe.check() for probe in runtime.probes.values()))
+        for probe in runtime.probes.values():
+            probe.start()
+        return runtime
 
     def database(self, name: str) -> Database:
         """The named database.
@@ -70,7 +83,19 @@ class DBPoolRuntime:
         return self.database(name).sessionmaker
 
     def check_available(self, db: Database) -> None:
-        """Raise at once when ``db`` must not be used now (circuit open)."""
+        """Raise at once when ``db`` must not be used now.
+
+        Raises:
+            CircuitOpenError: The database's circuit breaker is open (503).
+        """
+        breaker = db.breaker
+        if breaker.is_closed or breaker.allow():
+            return
+        raise CircuitOpenError(
+            f"the {db.name} database is unavailable (circuit breaker {breaker.state.value})",
+            database=db.name,
+            retry_after=breaker.retry_after(),
+        )
 
     def request_started(self) -> None:
         """Count a request in flight."""
@@ -102,6 +127,7 @@ class DBPoolRuntime:
                     self.in_flight,
                     extra={"in_flight": self.in_flight},
                 )
+        await asyncio.gather(*(probe.stop() for probe in self.probes.values()))
         for db in self.databases.values():
             await db.dispose()
         logger.info("engines disposed: %s", ", ".join(self.databases))

@@ -216,6 +216,22 @@ class DBPoolSettings:
     )
     """Seconds between background database probes (jittered ±10%)."""
 
+    readiness_requires_database: bool = _setting(
+        True,
+        "DB_READINESS_REQUIRES_DATABASE",
+        _parse_bool,
+        "readiness fails while the primary is unavailable",
+    )
+    """When false, /health/database stays 200 (status ``degraded``) while the database is
+    unavailable, and requests fail fast with 503 instead: for services whose pods all share
+    one database, where failing readiness everywhere only turns 503s into refused
+    connections."""
+
+    health_details: bool = _setting(
+        False, "DB_HEALTH_DETAILS", _parse_bool, "show server version and host in health"
+    )
+    """Show the server version and the (password-free) host in /health/database."""
+
     drain_timeout: float = _setting(
         20.0, "DB_DRAIN_TIMEOUT", float, "seconds in-flight requests get at shutdown"
     )

@@ -11,6 +11,7 @@ import asyncpg
 import pytest
 from fastapi import Depends, FastAPI, Request
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 import fastapi_dbpool as dbpool
@@ -40,7 +41,8 @@ async def test_pool_is_warmed_at_startup_and_gone_after_shutdown(database_url: s
         return {"v": (await session.execute(text("SELECT 1"))).scalar_one()}
 
     async with client_for(app) as client:
-        assert await connections_named(database_url, "dbpool-life") == 3
+        # pool_size pooled connections plus the health probe's own
+        assert await connections_named(database_url, "dbpool-life") == 3 + 1
         assert (await client.get("/q")).json() == {"v": 1}
     assert await connections_named(database_url, "dbpool-life") == 0
 
@@ -51,9 +53,12 @@ async def test_connection_held_outside_requests_is_closed_at_shutdown(database_u
         runtime = dbpool.get_runtime(app)
         held = await runtime.engine().connect()
         await held.execute(text("SELECT 1"))
-        assert await connections_named(database_url, "dbpool-held") == 2
+        assert await connections_named(database_url, "dbpool-held") == 2 + 1
     assert await connections_named(database_url, "dbpool-held") == 0
-    del held
+    # The holder finds its connection closed under it, and can still let go cleanly.
+    with pytest.raises(DBAPIError):
+        await held.execute(text("SELECT 1"))
+    await held.close()
 
 
 async def test_pool_is_sized_from_the_server_budget_and_logged_once(
@@ -123,7 +128,7 @@ async def test_explicit_wiring_reads_the_environment(
 
     async with client_for(app) as client:
         assert (await client.get("/q")).json() == {"name": "dbpool-explicit"}
-        assert await connections_named(database_url, "dbpool-explicit") == 2
+        assert await connections_named(database_url, "dbpool-explicit") == 2 + 1
 
 
 async def test_bad_setting_stops_startup_naming_the_variable(

@@ -1,0 +1,155 @@
+"""The instrumented queue pool and the plain numbers it keeps.
+
+Counters and histograms here are plain integers and lists updated on the hot path (an
+increment and a bisect, no lock: the pool lives on one event loop). Prometheus and
+OpenTelemetry read them at scrape/collection time, so a checkout never pays for an
+exporter, and two apps in one process never share a number.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from typing import Any
+
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, PoolProxiedConnection
+
+from .breaker import CircuitBreaker, is_connection_failure
+
+#: Bucket upper bounds (seconds) of the checkout-wait and connection-time histograms.
+WAIT_BUCKETS: tuple[float, ...] = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+USE_BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0)
+
+
+class Histogram:
+    """A cumulative-at-read histogram: per-bucket counts, a sum and a count."""
+
+    __slots__ = ("bounds", "count", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        """Record one value."""
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """Buckets as Prometheus wants them: (upper bound, cumulative count), +Inf last."""
+        out: list[tuple[str, int]] = []
+        running = 0
+        for bound, n in zip(self.bounds, self.counts, strict=False):
+            running += n
+            out.append((repr(bound), running))
+        out.append(("+Inf", running + self.counts[-1]))
+        return out
+
+    def quantile(self, q: float) -> float | None:
+        """An upper-bound estimate of quantile ``q`` (for health output and tests)."""
+        if self.count == 0:
+            return None
+        target = q * self.count
+        running = 0
+        for bound, n in zip(self.bounds, self.counts, strict=False):
+            running += n
+            if running >= target:
+                return bound
+        return float("inf")
+
+
+class PoolStats:
+    """What one database's pool has done since startup."""
+
+    __slots__ = (
+        "checkout_timeouts",
+        "checkouts",
+        "connect_failures",
+        "create_time",
+        "statement_timeouts",
+        "use_time",
+        "wait_time",
+        "waiting",
+    )
+
+    def __init__(self) -> None:
+        self.waiting = 0
+        self.checkouts = 0
+        self.checkout_timeouts = 0
+        self.statement_timeouts = 0
+        self.connect_failures = 0
+        self.wait_time = Histogram(WAIT_BUCKETS)
+        self.create_time = Histogram(WAIT_BUCKETS)
+        self.use_time = Histogram(USE_BUCKETS)
+
+
+class InstrumentedQueuePool(AsyncAdaptedQueuePool):
+    """SQLAlchemy's asyncio queue pool, timing checkouts and counting waiters."""
+
+    dbpool_stats: PoolStats
+    dbpool_breaker: CircuitBreaker
+
+    def connect(self) -> PoolProxiedConnection:
+        stats = self.dbpool_stats
+        stats.waiting += 1
+        started = time.perf_counter()
+        try:
+            conn = super().connect()
+        except sa_exc.TimeoutError:
+            stats.checkout_timeouts += 1
+            raise
+        finally:
+            stats.waiting -= 1
+        stats.checkouts += 1
+        stats.wait_time.observe(time.perf_counter() - started)
+        return conn
+
+    def _create_connection(self) -> ConnectionPoolEntry:
+        started = time.perf_counter()
+        breaker = self.dbpool_breaker
+        try:
+            entry = super()._create_connection()
+        except Exception as exc:
+            self.dbpool_stats.connect_failures += 1
+            if is_connection_failure(exc):
+                breaker.record_failure()
+            raise
+        self.dbpool_stats.create_time.observe(time.perf_counter() - started)
+        if breaker.failures or not breaker.is_closed:
+            breaker.record_success()
+        return entry
+
+    def recreate(self) -> InstrumentedQueuePool:
+        pool = super().recreate()
+        assert isinstance(pool, InstrumentedQueuePool)
+        pool.dbpool_stats = self.dbpool_stats
+        pool.dbpool_breaker = self.dbpool_breaker
+        return pool
+
+
+def attach(pool: Any, stats: PoolStats, breaker: CircuitBreaker) -> None:
+    """Give a freshly built pool its stats and breaker."""
+    pool.dbpool_stats = stats
+    pool.dbpool_breaker = breaker
