@@ -142,9 +142,15 @@ class CircuitBreaker:
         return max(0.0, self.opened_at + self.recovery_timeout - now)
 
     def record_success(self, now: float | None = None) -> None:
-        """A call (or probe) reached the database and came back."""
+        """A call (or probe) reached the database and came back.
+
+        While OPEN a success is stale news (a call that began before the breaker
+        opened): only a half-open trial may close the breaker.
+        """
+        if self.state is BreakerState.OPEN:
+            return
         self.failures = 0
-        if self.state is not BreakerState.CLOSED:
+        if self.state is BreakerState.HALF_OPEN:
             self.opened_at = None
             self._move(BreakerState.CLOSED)
 

@@ -204,6 +204,15 @@ def _psutil() -> Any:
         return None
 
 
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields of ``/proc/<pid>/stat`` after the command name (Linux), or None."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    return raw.rsplit(")", 1)[-1].split()
+
+
 def _pid_alive(pid: int) -> bool:
     """Whether ``pid`` is a live (non-zombie) process."""
     psutil = _psutil()
@@ -220,17 +229,26 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    fields = _proc_stat(pid)
+    return fields is None or fields[0] != "Z"
 
 
 def _child_pids(pid: int) -> list[int]:
+    """Process ids of the children of ``pid`` (PostgreSQL backends do not fork further)."""
     psutil = _psutil()
-    if psutil is None:
-        return []
-    try:
-        return [int(child.pid) for child in psutil.Process(pid).children(recursive=True)]
-    except psutil.Error:
-        return []
+    if psutil is not None:
+        try:
+            return [int(child.pid) for child in psutil.Process(pid).children(recursive=True)]
+        except psutil.Error:
+            return []
+    children: list[int] = []
+    with contextlib.suppress(OSError):
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                fields = _proc_stat(int(entry.name))
+                if fields is not None and len(fields) > 1 and fields[1] == str(pid):
+                    children.append(int(entry.name))
+    return children
 
 
 def _is_postgres(pid: int) -> bool:
@@ -267,7 +285,8 @@ def _read_pid_file(data_dir: Path) -> _PidFile | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     try:
-        pid = int(lines[0])
+        # A standalone backend (initdb's bootstrap, --single) writes its pid negated.
+        pid = abs(int(lines[0]))
     except (IndexError, ValueError):
         return None
     port = int(lines[3]) if len(lines) > 3 and lines[3].strip().isdigit() else None
@@ -330,6 +349,7 @@ class EmbeddedPostgres:
         self._pid: int | None = None
         self._socket_dir: Path | None = None
         self._temp_socket_dir: Path | None = None
+        self._owner_pid = os.getpid()
 
     # ------------------------------------------------------------------ properties
 
@@ -428,7 +448,9 @@ class EmbeddedPostgres:
     def stop(self, mode: StopMode = "fast", *, timeout: float = 30.0) -> None:
         """Stop the server with ``pg_ctl stop`` and wait until it has exited.
 
-        Stopping a server that is not running does nothing.
+        Stopping a server that is not running does nothing. A server that has not exited
+        after ``timeout`` seconds (or that ``pg_ctl`` fails to stop) is killed as by
+        :meth:`kill`, with a warning logged, so that no server outlives ``stop()``.
 
         Args:
             mode: ``smart`` waits for clients to disconnect, ``fast`` disconnects them and
@@ -438,15 +460,26 @@ class EmbeddedPostgres:
 
         Raises:
             ValueError: ``mode`` is not a known shutdown mode.
-            RuntimeError: ``pg_ctl`` failed or the server did not exit in time.
+            RuntimeError: ``pg_ctl`` failed although the server has exited.
         """
         if mode not in ("smart", "fast", "immediate"):
             raise ValueError(f"unknown shutdown mode {mode!r}")
         if not self.is_running:
             self._forget_process()
             return
-        self._pg_ctl_stop(_pgserver_bin_dir(), _run_as(), mode, timeout)
+        self._stop_or_kill(_pgserver_bin_dir(), _run_as(), mode, timeout)
         self._forget_process()
+
+    def _stop_or_kill(
+        self, bin_dir: Path, run_as: _RunAs | None, mode: StopMode, timeout: float
+    ) -> None:
+        try:
+            self._pg_ctl_stop(bin_dir, run_as, mode, timeout)
+        except RuntimeError as exc:
+            if not self.is_running:
+                raise
+            logger.warning("%s; killing it (log: %s)", exc, self.log_path)
+            self.kill()
 
     def kill(self) -> None:
         """Crash the server: ``SIGKILL`` the postmaster and all its child processes.
@@ -556,7 +589,7 @@ class EmbeddedPostgres:
         )
         self._pid = info.pid
         try:
-            self._pg_ctl_stop(bin_dir, run_as, "fast", 30.0)
+            self._stop_or_kill(bin_dir, run_as, "fast", 30.0)
         finally:
             self._pid = None
 
@@ -654,6 +687,7 @@ class EmbeddedPostgres:
         self._process = process
         self._pid = process.pid
         self._socket_dir = socket_dir
+        self._owner_pid = os.getpid()
         _running.add(self)
         try:
             self._wait_ready(process, log_path, log_offset)
@@ -756,6 +790,8 @@ def _log_tail(path: Path, offset: int, limit: int = 4000) -> str:
 
 def _stop_all_at_exit() -> None:
     for server in list(_running):
+        if server._owner_pid != os.getpid():
+            continue  # a forked child exiting: the server belongs to the parent
         try:
             server.stop("fast", timeout=10.0)
         except Exception:  # pragma: no cover - best effort at interpreter exit

@@ -37,6 +37,7 @@ logger = logging.getLogger("fastapi_dbpool")
 #: Keys of ``ConnectionPoolEntry.info`` this module owns.
 _CHECKED_IN_AT = "dbpool_checked_in_at"
 _CLIENT_TIMEOUT_CHANGED = "dbpool_client_timeout_changed"
+_OPENED_AT = "dbpool_opened_at"
 
 _LIMITS_QUERY = """
 SELECT name, setting FROM pg_settings
@@ -210,8 +211,15 @@ class Database:
         checked_out = self.checked_out
         monotonic = time.monotonic
 
+        breaker = self.breaker
+
         def on_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
-            record.info[_CHECKED_IN_AT] = monotonic()
+            now = monotonic()
+            record.info[_CHECKED_IN_AT] = now
+            record.info[_OPENED_AT] = now
+            # A new connection reached the server: evidence the database is up.
+            if breaker.failures or not breaker.is_closed:
+                breaker.record_success()
 
         def on_checkout(
             dbapi_connection: Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
@@ -244,21 +252,37 @@ class Database:
         stats = self.stats
         breaker = self.breaker
 
+        last_loss = [float("-inf")]
+
         def on_error(context: ExceptionContext) -> None:
             original = context.original_exception
             if context.is_disconnect or is_connection_failure(original):
-                breaker.record_failure()
                 ctx = current_request.get()
                 if ctx is not None:
                     ctx.failed = True
+                # A restart or failover kills every pooled connection at once; those losses
+                # are one event, not pool_size failures, or the breaker would open on a
+                # database that is back already. A connection opened before the last
+                # counted loss is stale news; failures to connect are counted by the pool.
+                # A client-side deadline (TimeoutError) is per-connection evidence that
+                # the server stopped answering, so each of those counts.
+                opened = _opened_at(context)
+                if isinstance(original, TimeoutError) or opened is None or opened > last_loss[0]:
+                    last_loss[0] = monotonic()
+                    breaker.record_failure()
             if isinstance(original, asyncpg.exceptions.QueryCanceledError) and (
                 "statement timeout" in str(original)
             ):
                 stats.statement_timeouts += 1
             if isinstance(original, TimeoutError):
                 stats.statement_timeouts += 1
-                # Only this connection is suspect; keep the rest of the pool.
+                # Only this connection is suspect; keep the rest of the pool. Abort its
+                # socket now: a graceful close would wait on a server that does not answer.
                 context.invalidate_pool_on_disconnect = False
+                fairy = getattr(context.connection, "connection", None)
+                driver = getattr(fairy, "driver_connection", None)
+                if driver is not None:
+                    driver.terminate()
                 # asyncpg's client-side command_timeout: the server did not answer in time
                 # (it may be unreachable). The connection's state is unknown, so it is
                 # discarded rather than reused.
@@ -276,6 +300,17 @@ class Database:
         event.listen(pool, "checkin", on_checkin)
         event.listen(pool, "close", on_close)
         event.listen(pool, "invalidate", lambda c, r, e: checked_out.pop(id(r), None))
+
+
+def _opened_at(context: ExceptionContext) -> float | None:
+    conn = context.connection
+    if conn is None or conn.invalidated:
+        return None
+    try:
+        opened = conn.connection.info.get(_OPENED_AT)
+    except Exception:
+        return None
+    return opened if isinstance(opened, float) else None
 
 
 def _ping(dbapi_connection: Any) -> None:
@@ -309,7 +344,7 @@ def _ms(seconds: float) -> str:
     return f"{max(1, round(seconds * 1000))}ms"
 
 
-async def read_server(url: URL, settings: DBPoolSettings) -> ServerInfo:
+async def read_server(url: URL, settings: DBPoolSettings, name: str = "primary") -> ServerInfo:
     """Read the connection limits and version of the server behind ``url``.
 
     Raises:
@@ -325,7 +360,7 @@ async def read_server(url: URL, settings: DBPoolSettings) -> ServerInfo:
     except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
         raise DatabaseUnavailableError(
             f"cannot reach {safe_url(url)} to read max_connections: {type(exc).__name__}",
-            database="primary",
+            database=name,
             retry_after=settings.connect_timeout,
         ) from None
     try:
@@ -373,9 +408,10 @@ def decide_budget(name: str, settings: DBPoolSettings, server: ServerInfo | None
         # No server to ask and no budget given: trust the explicit sizes.
         budget, source = 10**6, "unknown: server unreachable at startup"
     else:
+        hint = "DB_MAX_CONNECTIONS (or DB_POOL_SIZE)" if name == "primary" else "DB_POOL_SIZE"
         raise ConfigurationError(
             f"cannot size the {name} pool: the server could not be reached to read "
-            "max_connections; set DB_MAX_CONNECTIONS (or DB_POOL_SIZE) to start without it"
+            f"max_connections; set {hint} to start without it"
         )
     try:
         return plan_pool(
@@ -387,6 +423,7 @@ def decide_budget(name: str, settings: DBPoolSettings, server: ServerInfo | None
             pool_size=settings.pool_size,
             max_overflow=settings.max_overflow,
             strict=settings.strict_budget,
+            cap=settings.pool_size_cap,
         )
     except BudgetError as exc:
         raise ConfigurationError(f"{name} database: {exc}") from None
@@ -410,7 +447,7 @@ async def build_databases(
     try:
         for name, url in urls.items():
             try:
-                server: ServerInfo | None = await read_server(url, settings)
+                server: ServerInfo | None = await read_server(url, settings, name)
             except DatabaseUnavailableError as exc:
                 logger.warning("%s database: %s", name, exc, extra={"database": name})
                 server = None

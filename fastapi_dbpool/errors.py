@@ -7,6 +7,8 @@ also derives from :class:`DBPoolError`, so ``except dbpool.DBPoolError`` catches
 
 from __future__ import annotations
 
+from sqlalchemy import exc as sa_exc
+
 
 class DBPoolError(Exception):
     """Base class of every error raised by fastapi_dbpool."""
@@ -36,8 +38,12 @@ class DatabaseUnavailableError(DBPoolError):
         self.retry_after = retry_after
 
 
-class CheckoutTimeoutError(DatabaseUnavailableError):
-    """No pooled connection became free within ``DB_CHECKOUT_TIMEOUT``."""
+class CheckoutTimeoutError(DatabaseUnavailableError, sa_exc.TimeoutError):
+    """No pooled connection became free within ``DB_CHECKOUT_TIMEOUT``.
+
+    Also a ``sqlalchemy.exc.TimeoutError``, so handlers written for SQLAlchemy's
+    "QueuePool limit ... reached" keep working.
+    """
 
 
 class CircuitOpenError(DatabaseUnavailableError):

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from types import FrameType
 from typing import Any
 
 from starlette.applications import Starlette
@@ -36,13 +39,49 @@ async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
     settings = getattr(app.state, _SETTINGS_ATTR, None) or DBPoolSettings.from_env()
     runtime = await DBPoolRuntime.start(settings)
     setattr(app.state, _RUNTIME_ATTR, runtime)
+    restore = _drain_on_sigterm(runtime)
     try:
         yield {STATE_KEY: runtime}
     finally:
+        restore()
         try:
             await runtime.close()
         finally:
             setattr(app.state, _RUNTIME_ATTR, None)
+
+
+def _drain_on_sigterm(runtime: DBPoolRuntime) -> Callable[[], None]:
+    """Report ``draining`` from the moment SIGTERM arrives, not only at lifespan shutdown.
+
+    The server (uvicorn) finishes requests in flight before it runs the lifespan's
+    shutdown; readiness must say 503 during that time already. The server's own handler
+    still runs, chained after ours.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.getsignal(signal.SIGTERM)
+    if not callable(previous):
+        # Default or ignored disposition, or a handler installed through the event loop:
+        # nothing of ours to chain to; lifespan shutdown will still set draining.
+        return lambda: None
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        if not runtime.draining:
+            runtime.draining = True
+            logger.info(
+                "SIGTERM: draining, %d requests in flight",
+                runtime.in_flight,
+                extra={"in_flight": runtime.in_flight},
+            )
+        previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+    def restore() -> None:
+        if signal.getsignal(signal.SIGTERM) is on_sigterm:
+            signal.signal(signal.SIGTERM, previous)
+
+    return restore
 
 
 def get_runtime(app: Starlette) -> DBPoolRuntime:

@@ -16,6 +16,8 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, PoolProxiedConnection
 
 from .breaker import CircuitBreaker, is_connection_failure
+from .context import current_request
+from .errors import CheckoutTimeoutError
 
 #: Bucket upper bounds (seconds) of the checkout-wait and connection-time histograms.
 WAIT_BUCKETS: tuple[float, ...] = (
@@ -108,6 +110,10 @@ class PoolStats:
 class InstrumentedQueuePool(AsyncAdaptedQueuePool):
     """SQLAlchemy's asyncio queue pool, timing checkouts and counting waiters."""
 
+    # Keep SQLAlchemy's own pool log records under "sqlalchemy.pool", where users'
+    # logging configuration expects them, not under our logger.
+    _sqla_logger_namespace = "sqlalchemy.pool.impl.AsyncAdaptedQueuePool"
+
     dbpool_stats: PoolStats
     dbpool_breaker: CircuitBreaker
 
@@ -119,6 +125,22 @@ class InstrumentedQueuePool(AsyncAdaptedQueuePool):
             conn = super().connect()
         except sa_exc.TimeoutError:
             stats.checkout_timeouts += 1
+            raise CheckoutTimeoutError(
+                f"no connection of the {self.dbpool_breaker.name} pool became free within "
+                f"{self._timeout:g}s (pool_size={self.size()}, "
+                f"max_overflow={self._max_overflow})",
+                database=self.dbpool_breaker.name,
+                retry_after=self._timeout,
+            ) from None
+        except Exception as exc:
+            # Opening (or reopening) a connection failed: SQLAlchemy's handle_error never
+            # sees these (they are not DBAPI errors), so the breaker learns of them here.
+            if is_connection_failure(exc):
+                stats.connect_failures += 1
+                self.dbpool_breaker.record_failure()
+                ctx = current_request.get()
+                if ctx is not None:
+                    ctx.failed = True
             raise
         finally:
             stats.waiting -= 1
@@ -128,17 +150,8 @@ class InstrumentedQueuePool(AsyncAdaptedQueuePool):
 
     def _create_connection(self) -> ConnectionPoolEntry:
         started = time.perf_counter()
-        breaker = self.dbpool_breaker
-        try:
-            entry = super()._create_connection()
-        except Exception as exc:
-            self.dbpool_stats.connect_failures += 1
-            if is_connection_failure(exc):
-                breaker.record_failure()
-            raise
+        entry = super()._create_connection()
         self.dbpool_stats.create_time.observe(time.perf_counter() - started)
-        if breaker.failures or not breaker.is_closed:
-            breaker.record_success()
         return entry
 
     def recreate(self) -> InstrumentedQueuePool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -225,7 +226,19 @@ async def _close_when_idle(sess: AsyncSession) -> None:
         if not await sess.wait_idle(limit):
             await sess.invalidate()
             return
-    await sess.close()
+    try:
+        await sess.close()
+    except Exception as exc:
+        # The rollback could not reach the server (connection lost, server restarting):
+        # the server rolls the transaction back by itself; discard the connection and
+        # let the response the application produced stand.
+        logger.info(
+            "could not release a connection cleanly (%s); discarding it",
+            type(exc).__name__,
+            extra={"error": type(exc).__name__},
+        )
+        with contextlib.suppress(Exception):
+            await sess.invalidate()
 
 
 def unknown_database(name: str, known: list[str]) -> ConfigurationError:

@@ -24,6 +24,8 @@ _CONNECTION_LOST = (
     asyncpg.exceptions.TooManyConnectionsError,
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.CrashShutdownError,
+    # The driver lost track of the protocol: the connection is broken, not the request.
+    asyncpg.exceptions.InternalClientError,
 )
 
 
@@ -53,6 +55,10 @@ def _chain(exc: BaseException) -> list[BaseException]:
     seen: list[BaseException] = []
     current: BaseException | None = exc
     while current is not None and len(seen) < 8:
+        if isinstance(current, BaseExceptionGroup) and current.exceptions:
+            # A fan-out (asyncio.TaskGroup, anyio) wraps its tasks' failures.
+            current = current.exceptions[0]
+            continue
         seen.append(current)
         orig = getattr(current, "orig", None)
         if isinstance(orig, BaseException) and orig not in seen:

@@ -114,11 +114,15 @@ def _apply_route_timeout(
 ) -> None:
     # Only sessions with a per-route timeout pay this round trip; the default
     # statement_timeout was set when the connection was opened.
-    timeout = session.info.get(TIMEOUT_KEY)
+    _set_route_timeout(session.info, conn)
+
+
+def _set_route_timeout(info: dict[Any, Any], conn: Connection) -> None:
+    timeout = info.get(TIMEOUT_KEY)
     if timeout is None:
         return
     conn.exec_driver_sql(f"SET LOCAL statement_timeout = {max(1, round(timeout * 1000))}")
-    database = session.info.get(DATABASE_KEY)
+    database = info.get(DATABASE_KEY)
     if database is not None:
         database.set_client_timeout(conn, timeout)
 
@@ -165,7 +169,14 @@ def session(
         ctx = current_request.get()
         if ctx is None:
             raise NotInstalledError(_MIDDLEWARE_MISSING)
-        return ctx.session(database, timeout)
+        sess = ctx.session(database, timeout)
+        if timeout is not None and sess.in_transaction():
+            # An earlier dependency already began the transaction, so after_begin has
+            # passed: apply the route's timeout to the transaction in progress.
+            conn = await sess.connection()
+            info = sess.info
+            await conn.run_sync(lambda sync_conn: _set_route_timeout(info, sync_conn))
+        return sess
 
     dependency.__name__ = f"session_{database}" + (f"_{timeout}s" if timeout else "")
     return dependency

@@ -22,7 +22,7 @@ from sqlalchemy.exc import ArgumentError
 from .errors import ConfigurationError
 
 _ACCEPTED_SCHEMES = {"postgresql", "postgres", "postgresql+asyncpg", "postgres+asyncpg"}
-_PASSWORD_IN_URL = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@\s]*@")
+_PASSWORD_IN_URL = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^\s]*@")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -32,14 +32,24 @@ def mask_url(text: str) -> str:
     return _PASSWORD_IN_URL.sub(r"\g<head>***@", text)
 
 
+def _mask_unparsable(text: str) -> str:
+    """Mask text that is not a URL: hide what lies between the user's ':' and the last '@'."""
+    head, at, tail = text.rpartition("@")
+    if not at:
+        return text
+    slashes = head.find("//")
+    colon = head.find(":", 0 if slashes < 0 else slashes + 2)
+    return text if colon < 0 else f"{head[: colon + 1]}***@{tail}"
+
+
 def safe_url(url: URL | str) -> str:
     """A URL rendered for logs and responses: password masked, query string dropped."""
     if isinstance(url, str):
         text = url
         try:
             url = make_url(text)
-        except ArgumentError:
-            return mask_url(text)
+        except (ArgumentError, ValueError):
+            return _mask_unparsable(mask_url(text))
     return url.set(query={}).render_as_string(hide_password=True)
 
 
@@ -52,15 +62,23 @@ def normalize_url(value: str, env: str) -> URL:
     masked = mask_url(value)
     try:
         url = make_url(value)
-    except ArgumentError:
-        raise ConfigurationError(f"{env} is not a valid database URL: {masked!r}") from None
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
+        shown = _mask_unparsable(masked)
+        raise ConfigurationError(f"{env} is not a valid database URL: {shown!r}") from None
     if url.drivername not in _ACCEPTED_SCHEMES:
         raise ConfigurationError(
             f"{env} must be a postgresql:// or postgresql+asyncpg:// URL, got {masked!r}"
         )
     if not url.host and "host" not in url.query:
         raise ConfigurationError(f"{env} has no host: {masked!r}")
-    return url.set(drivername="postgresql+asyncpg")
+    if url.host and "@" in url.host:
+        raise ConfigurationError(
+            f"{env} has an '@' in its password: percent-encode it as %40, got {masked!r}"
+        )
+    query = dict(url.query)
+    if "sslmode" in query and "ssl" not in query:
+        query["ssl"] = query.pop("sslmode")  # libpq's name; asyncpg takes the same modes
+    return url.set(drivername="postgresql+asyncpg", query=query)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,8 +100,12 @@ def _parse_urls(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
-def _setting(default: Any, env: str, parse: Callable[[str], Any], doc: str) -> Any:
-    return field(default=default, metadata={"spec": _Spec(env, parse), "doc": doc})
+def _setting(
+    default: Any, env: str, parse: Callable[[str], Any], doc: str, *, secret: bool = False
+) -> Any:
+    # URL fields carry passwords: keep them out of repr(), which ends up in logs and
+    # error trackers.
+    return field(default=default, repr=not secret, metadata={"spec": _Spec(env, parse), "doc": doc})
 
 
 @dataclass(frozen=True)
@@ -94,14 +116,22 @@ class DBPoolSettings:
         ConfigurationError: At construction, for any invalid value.
     """
 
-    database_url: str | None = _setting(None, "DATABASE_URL", str, "primary database URL")
+    database_url: str | None = _setting(
+        None, "DATABASE_URL", str, "primary database URL", secret=True
+    )
     """Primary database. ``postgresql+asyncpg://``, ``postgresql://`` or ``postgres://``."""
 
-    replica_url: str | None = _setting(None, "DATABASE_REPLICA_URL", str, "read replica URL")
+    replica_url: str | None = _setting(
+        None, "DATABASE_REPLICA_URL", str, "read replica URL", secret=True
+    )
     """Optional read replica, reached as the database named ``replica``."""
 
     failover_urls: tuple[str, ...] = _setting(
-        (), "DATABASE_FAILOVER_URLS", _parse_urls, "comma-separated alternates for the primary"
+        (),
+        "DATABASE_FAILOVER_URLS",
+        _parse_urls,
+        "comma-separated alternates for the primary",
+        secret=True,
     )
     """Alternates for the primary, tried in order when it is unreachable."""
 
@@ -132,6 +162,11 @@ class DBPoolSettings:
 
     max_overflow: int | None = _setting(None, "DB_MAX_OVERFLOW", int, "explicit overflow")
     """Explicit per-process overflow; default derived from the budget (0)."""
+
+    pool_size_cap: int = _setting(20, "DB_POOL_SIZE_CAP", int, "largest derived pool per process")
+    """Largest pool a process derives from its share of the budget: one event-loop process
+    rarely keeps more than ~20 connections busy, and a pool that takes a large server's
+    whole share opens many connections that only sit idle. Explicit DB_POOL_SIZE wins."""
 
     connect_timeout: float = _setting(5.0, "DB_CONNECT_TIMEOUT", float, "seconds to connect")
     """Seconds to open one connection, TCP and authentication included."""
@@ -316,7 +351,7 @@ def _validate(s: DBPoolSettings) -> None:
         value = getattr(s, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise _fail(name, value, "must be a whole number of at least 1")
-    for name in ("max_connections", "pool_size"):
+    for name in ("max_connections", "pool_size", "pool_size_cap"):
         value = getattr(s, name)
         if value is not None and (not isinstance(value, int) or value < 1):
             raise _fail(name, value, "must be a whole number of at least 1")

@@ -49,6 +49,7 @@ class PoolBudget:
     derived: bool
     oversubscribed: bool
     warning: str | None = None
+    capped: bool = False
 
     @property
     def max_size(self) -> int:
@@ -63,6 +64,8 @@ class PoolBudget:
     def describe(self) -> str:
         """One readable line, logged at startup."""
         how = "derived" if self.derived else "explicit"
+        if self.capped:
+            how = "derived, capped by DB_POOL_SIZE_CAP"
         return (
             f"pool_size={self.pool_size} max_overflow={self.max_overflow} ({how}); "
             f"budget {self.budget} connections ({self.budget_source}) over "
@@ -87,6 +90,7 @@ class PoolBudget:
             "fleet_peak": self.fleet_peak,
             "derived": self.derived,
             "oversubscribed": self.oversubscribed,
+            "capped": self.capped,
         }
 
 
@@ -103,7 +107,10 @@ def surge_pods(pods: int, surge: str | int) -> int:
         return surge
     text = surge.strip()
     if text.endswith("%"):
-        return math.ceil(pods * float(text[:-1]) / 100)
+        percent = float(text[:-1])
+        if not 0 <= percent < math.inf:
+            raise ValueError(f"surge percentage must be finite and at least 0, got {surge!r}")
+        return math.ceil(pods * percent / 100)
     return int(text)
 
 
@@ -117,6 +124,7 @@ def plan_pool(
     pool_size: int | None = None,
     max_overflow: int | None = None,
     strict: bool = False,
+    cap: int | None = None,
 ) -> PoolBudget:
     """Decide one process's ``pool_size`` and ``max_overflow`` from the fleet budget.
 
@@ -136,6 +144,8 @@ def plan_pool(
         pool_size: Explicit per-process pool size, or None to derive.
         max_overflow: Explicit per-process overflow, or None to derive.
         strict: Raise instead of warning when explicit sizes oversubscribe the budget.
+        cap: Most connections a derived pool gets, however large its share (a share of
+            a big server is often more than one process can use well).
 
     Raises:
         BudgetError: The budget leaves no connection for a process, or (strict) explicit
@@ -162,7 +172,7 @@ def plan_pool(
                 "or WEB_CONCURRENCY"
             )
         return PoolBudget(
-            pool_size=room,
+            pool_size=room if cap is None else min(room, cap),
             max_overflow=0,
             budget=budget,
             budget_source=budget_source,
@@ -174,6 +184,7 @@ def plan_pool(
             probe_connections=PROBE_CONNECTIONS,
             derived=True,
             oversubscribed=False,
+            capped=cap is not None and room > cap,
         )
 
     size = pool_size if pool_size is not None else max(1, per_process - PROBE_CONNECTIONS)

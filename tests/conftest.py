@@ -6,13 +6,16 @@ Fixtures:
   ``DBPOOL_TEST_DATABASE_URL`` is set (for example
   ``postgresql://postgres@127.0.0.1:5432/test``) that server is used (the role needs
   ``CREATEDB``); otherwise an :class:`~fastapi_dbpool.embedded.EmbeddedPostgres` (ephemeral:
-  no fsync) is started in a session temp dir and stopped at the end. Never stop it.
+  no fsync) is started and stopped at the end. Never stop it.
+* ``pg_data_root`` (session): parent of the embedded servers' data directories (pytest's
+  basetemp, or when running as root a private temp dir removed at the end; see there).
 * ``admin_url`` (session): SQLAlchemy URL (``postgresql+asyncpg``) of the shared server's
   maintenance database.
 * ``template_database`` (session): name of the empty template (``dbpool_template``).
 * ``database_url`` (function): SQLAlchemy URL of a database created for this test only
   (``CREATE DATABASE test_<uuid> TEMPLATE dbpool_template``), dropped ``WITH (FORCE)``
-  afterwards.
+  afterwards. Its teardown runs ``gc.collect()`` first, so that a connection the test
+  leaked is reported (as an unraisable-exception error) against this test, not a later one.
 * ``private_pg`` (function): an ``EmbeddedPostgres`` of the test's own, independent of the
   shared one, that the test may ``stop()``, ``kill()`` and ``start()``. For speed, one
   server is shared by the tests of a module: each test gets it running (restarted if an
@@ -32,10 +35,14 @@ calls them through ``await asyncio.to_thread(...)``.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -61,7 +68,32 @@ def _require_pgserver() -> None:
 
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
+def pg_data_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Where the embedded servers' data directories go.
+
+    Not below pytest's basetemp when we are root: PostgreSQL then runs as the ``pgserver``
+    user, which must traverse every parent directory, and each pytest session that starts
+    (a concurrent run, a teammate's) resets ``/tmp/pytest-of-root`` to mode 0700. The
+    running servers then PANIC at their next checkpoint ("could not open file
+    .../global/pg_control: Permission denied"). So, as root, a directory of our own in the
+    system temp dir is used, and removed at the end of the session.
+    """
+    if os.geteuid() != 0:
+        yield tmp_path_factory.getbasetemp()
+        return
+    root = Path(tempfile.mkdtemp(prefix="dbpool-test-pg-"))
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _new_data_dir(root: Path, name: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root)) / "data"
+
+
+@pytest.fixture(scope="session")
+def pg_server(pg_data_root: Path) -> Iterator[PgServer]:
     """The PostgreSQL server shared by the session (external or embedded)."""
     external = os.environ.get(DATABASE_URL_ENV)
     if external:
@@ -69,7 +101,7 @@ def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
         return
     _require_pgserver()
     server = EmbeddedPostgres(
-        tmp_path_factory.mktemp("pg-shared") / "data", ephemeral=True, max_connections=100
+        _new_data_dir(pg_data_root, "shared"), ephemeral=True, max_connections=100
     )
     server.start()
     try:
@@ -98,15 +130,19 @@ async def database_url(admin_url: str, template_database: str) -> AsyncIterator[
     try:
         yield with_database(admin_url, name)
     finally:
+        # Finalize objects the test leaked (a connection never returned to its pool) now,
+        # while its event loop runs, so that the "Exception ignored in ..." it causes fails
+        # this test's teardown instead of some later, innocent test.
+        gc.collect()
         await drop_database(admin_url, name)
 
 
 @pytest.fixture(scope="module")
-def _private_pg_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
+def _private_pg_module(pg_data_root: Path) -> Iterator[EmbeddedPostgres]:
     _require_pgserver()
     # synchronous_commit=on: a committed transaction survives kill(), as after a real crash.
     server = EmbeddedPostgres(
-        tmp_path_factory.mktemp("pg-private") / "data",
+        _new_data_dir(pg_data_root, "private"),
         ephemeral=True,
         extra_settings={"synchronous_commit": "on"},
     )
@@ -125,16 +161,14 @@ def private_pg(_private_pg_module: EmbeddedPostgres) -> EmbeddedPostgres:
 
 
 @pytest.fixture
-def embedded_pg_factory(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Callable[..., EmbeddedPostgres]]:
+def embedded_pg_factory(pg_data_root: Path) -> Iterator[Callable[..., EmbeddedPostgres]]:
     """Start extra, fully independent embedded servers; all are stopped after the test."""
     _require_pgserver()
     servers: list[EmbeddedPostgres] = []
 
     def make(**kwargs: Any) -> EmbeddedPostgres:
         kwargs.setdefault("ephemeral", True)
-        server = EmbeddedPostgres(tmp_path_factory.mktemp("pg-extra") / "data", **kwargs)
+        server = EmbeddedPostgres(_new_data_dir(pg_data_root, "extra"), **kwargs)
         servers.append(server)
         return server.start()
 

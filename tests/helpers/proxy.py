@@ -226,7 +226,9 @@ class FaultProxy:
         """Partition the network: accept but ignore new connections, freeze open ones.
 
         Nothing is closed and nothing is answered; held bytes are delivered once another
-        mode is selected.
+        mode is selected. Like a real partition, the proxy does not notice a client giving
+        up meanwhile: such connections still count in :attr:`connections_open` until the
+        mode changes.
         """
         self._set_mode("blackhole", delay=0.0)
 

@@ -254,3 +254,58 @@ async def test_unreachable_server_error_masks_the_password(database_url: str) ->
             pass
     assert "hunter2-pw" not in str(info.value)
     assert "DB_MAX_CONNECTIONS" in str(info.value)
+
+
+async def test_timeout_inside_a_task_group_is_still_a_504(database_url: str) -> None:
+    app = make_app(settings_for(database_url, command_timeout=0.3))
+
+    @app.get("/fanout")
+    async def fanout(factory: dbpool.SessionFactory = Depends(dbpool.session_factory)) -> None:
+        async def slow() -> None:
+            async with factory() as s:
+                await s.execute(text("SELECT pg_sleep(5)"))
+
+        async with asyncio.TaskGroup() as group:
+            group.create_task(slow())
+            group.create_task(slow())
+
+    async with client_for(app) as client:
+        response = await client.get("/fanout")
+        assert checked_out(app) == 0
+    assert response.status_code == 504
+    assert response.json() == {"detail": "the database statement exceeded its time limit"}
+
+
+async def test_route_timeout_applies_even_when_an_earlier_dependency_queried(
+    database_url: str,
+) -> None:
+    app = make_app(settings_for(database_url, command_timeout=30))
+
+    async def current_user(session: AsyncSession = Depends(get_session)) -> str:
+        return str((await session.execute(text("SELECT current_user"))).scalar_one())
+
+    @app.get("/report")
+    async def report(
+        user: str = Depends(current_user),
+        session: AsyncSession = Depends(dbpool.session(timeout=0.5)),
+    ) -> dict[str, str]:
+        return {"timeout": (await session.execute(text("SHOW statement_timeout"))).scalar_one()}
+
+    async with client_for(app) as client:
+        body = (await client.get("/report")).json()
+    assert body == {"timeout": "500ms"}
+
+
+async def test_checkout_timeout_error_is_also_sqlalchemys(database_url: str) -> None:
+    from sqlalchemy.exc import TimeoutError as SATimeoutError
+
+    app = make_app(settings_for(database_url, pool_size=1, checkout_timeout=0.2))
+    async with client_for(app):
+        engine = dbpool.get_runtime(app).engine()
+        async with engine.connect() as held:
+            await held.execute(text("SELECT 1"))
+            with pytest.raises(dbpool.CheckoutTimeoutError) as info:
+                async with engine.connect():
+                    pass
+    assert isinstance(info.value, SATimeoutError)
+    assert "primary pool" in str(info.value) and "0.2s" in str(info.value)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import time
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 
+from fastapi_dbpool import embedded
 from fastapi_dbpool.embedded import EmbeddedPostgres
 from tests.helpers import wait_until
 from tests.helpers.pg import TEMPLATE_DATABASE, asyncpg_dsn, count_app_connections
@@ -175,3 +178,13 @@ async def test_start_takes_over_a_postmaster_left_by_an_earlier_process(
     assert not successor.is_running
     private_pg.start()
     assert private_pg.is_running
+
+
+def test_missing_pgserver_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(embedded, "_bin_dir_cache", None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
+    server = EmbeddedPostgres(tmp_path / "data", port=5999)
+    assert server.url(driver="postgresql") == "postgresql://postgres@127.0.0.1:5999/postgres"
+    with pytest.raises(RuntimeError, match=r"pip install 'fastapi-dbpool\[embedded\]'"):
+        server.start()
+    assert not server.is_running

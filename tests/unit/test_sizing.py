@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -136,6 +137,7 @@ def test_worked_example_every_number() -> None:
         "fleet_peak": 96,
         "derived": True,
         "oversubscribed": False,
+        "capped": False,
     }
     assert plan.describe() == (
         "pool_size=7 max_overflow=0 (derived); budget 97 connections "
@@ -516,3 +518,27 @@ def test_unreachable_replica_error_gives_advice_that_works() -> None:
     assert "replica" in message
     assert "DB_POOL_SIZE" in message
     assert "DB_MAX_CONNECTIONS" not in message
+
+
+def test_pool_sizing_doc_shows_the_real_log_lines() -> None:
+    doc = (Path(__file__).parents[2] / "docs" / "pool-sizing.md").read_text(encoding="utf-8")
+    for surge in ("0", "25%"):
+        settings = DBPoolSettings(pod_count=3, web_concurrency=4, rollout_surge=surge)
+        plan = decide_budget("primary", settings, _server())
+        assert f"primary pool: {plan.describe()}\n" in doc
+    oversubscribed = decide_budget(
+        "primary",
+        DBPoolSettings(pod_count=3, web_concurrency=4, pool_size=10, max_overflow=5),
+        _server(),
+    )
+    assert f"primary pool oversubscribes its budget: {oversubscribed.warning}\n" in doc
+
+
+def test_derived_pool_is_capped_but_explicit_sizes_are_not() -> None:
+    capped = plan_pool(budget=997, budget_source="test", pods=1, workers=1, cap=20)
+    assert (capped.pool_size, capped.max_overflow, capped.capped) == (20, 0, True)
+    assert "capped by DB_POOL_SIZE_CAP" in capped.describe()
+    under = plan_pool(budget=97, budget_source="test", pods=3, workers=4, cap=20)
+    assert (under.pool_size, under.capped) == (7, False)
+    explicit = plan_pool(budget=997, budget_source="test", pods=1, workers=1, pool_size=50, cap=20)
+    assert explicit.pool_size == 50

@@ -1,0 +1,43 @@
+# Developer commands. On a fresh machine `make run` and `make test` create .venv first.
+
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+EXTRAS := test,example,cli,otel
+SOURCES := fastapi_dbpool example_app tests
+
+.PHONY: venv run test lint fmt bench clean
+
+venv: $(STAMP)
+
+$(PYTHON):
+	python3 -m venv $(VENV)
+
+# Reinstall only when pyproject.toml changed since the last install.
+$(STAMP): pyproject.toml | $(PYTHON)
+	$(PYTHON) -m pip install -e '.[$(EXTRAS)]'
+	touch $(STAMP)
+
+run: venv
+	$(PYTHON) -m example_app
+
+test: venv
+	$(VENV)/bin/ruff check $(SOURCES)
+	$(VENV)/bin/mypy
+	$(VENV)/bin/pytest -q
+
+lint: venv
+	$(VENV)/bin/ruff check $(SOURCES)
+	$(VENV)/bin/ruff format --check $(SOURCES)
+	$(VENV)/bin/mypy
+
+fmt: venv
+	$(VENV)/bin/ruff check --fix $(SOURCES)
+	$(VENV)/bin/ruff format $(SOURCES)
+
+bench: venv
+	$(PYTHON) -m benchmarks
+
+clean:
+	rm -rf build dist .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +
