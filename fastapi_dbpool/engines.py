@@ -28,6 +28,7 @@ from sqlalchemy.util import await_
 from .breaker import CircuitBreaker, is_connection_failure
 from .context import current_request
 from .errors import ConfigurationError, DatabaseUnavailableError, DeadlineExceededError
+from .failover import FailoverConnector
 from .pool import InstrumentedQueuePool, PoolStats, attach
 from .settings import DBPoolSettings, safe_url
 from .sizing import BudgetError, PoolBudget, ServerLimits, plan_pool
@@ -104,6 +105,13 @@ class Database:
             failure_threshold=settings.circuit_failure_threshold,
             recovery_timeout=settings.circuit_recovery_timeout,
         )
+        self.failover: FailoverConnector | None = None
+        extra: dict[str, Any] = {}
+        if name == "primary" and settings.failover_urls:
+            self.failover = FailoverConnector(
+                name, url, settings.failover(), connect_args(settings)
+            )
+            extra["async_creator"] = self.failover
         self.engine: AsyncEngine = create_async_engine(
             url,
             pool_size=budget.pool_size,
@@ -117,6 +125,7 @@ class Database:
             pool_use_lifo=True,
             poolclass=InstrumentedQueuePool,
             connect_args=connect_args(settings),
+            **extra,
         )
         attach(self.engine.sync_engine.pool, self.stats, self.breaker)
         self.sessionmaker: async_sessionmaker[Any] = async_sessionmaker(

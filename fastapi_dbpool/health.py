@@ -78,6 +78,8 @@ def readiness(runtime: DBPoolRuntime) -> tuple[dict[str, Any], int]:
             },
             "sizing": db.budget.as_dict(),
         }
+        if db.failover is not None:
+            entry["failover"] = db.failover.snapshot()
         if settings.health_details:
             entry["server_version"] = db.server.version if db.server else None
             entry["url"] = db.safe_url
