@@ -1,5 +1,6 @@
 """fastapi_dbpool: pod-sized, deadline-bound, observable PostgreSQL pools for FastAPI."""
 
+from . import testing
 from .errors import (
     CheckoutTimeoutError,
     CircuitOpenError,
@@ -50,4 +51,5 @@ __all__ = [
     "session",
     "session_factory",
     "session_factory_for",
+    "testing",
 ]

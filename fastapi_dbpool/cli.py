@@ -58,13 +58,17 @@ HEALTH_PATH = "/health/database"
 SERVING = frozenset({"ok", "degraded"})
 
 # Client backends only: background workers, autovacuum and WAL senders do not take
-# max_connections slots. Without pg_read_all_stats, other roles' sessions show a NULL
-# backend_type; those with a role are client backends (system processes have none).
+# max_connections slots. Without pg_read_all_stats, other roles' processes show a NULL
+# backend_type; of those, the ones with both a role and a database are client backends
+# (system processes and launchers lack one or the other).
 _ACTIVITY_QUERY = """
 SELECT coalesce(application_name, '') AS name, count(*) AS n
 FROM pg_stat_activity
 WHERE pid <> pg_backend_pid()
-  AND (backend_type = 'client backend' OR (backend_type IS NULL AND usesysid IS NOT NULL))
+  AND (
+    backend_type = 'client backend'
+    OR (backend_type IS NULL AND usesysid IS NOT NULL AND datid IS NOT NULL)
+  )
 GROUP BY 1
 ORDER BY 2 DESC, 1
 """
@@ -364,6 +368,8 @@ def render_check(
                 f"clients = {plan.fleet_peak + result.others} of {limits.available} available)"
             ),
         ]
+    else:
+        parts.append(Text("Pool sizing: no pool fits this fleet", style="bold"))
     if result.suggestion is not None:
         s = result.suggestion
         parts.append(
@@ -504,23 +510,29 @@ def _styled(status: str) -> Text:
     return Text(status, style=_STATUS_STYLE.get(status, "red"))
 
 
-def _breaker(data: Mapping[str, Any]) -> str:
+def _breaker(data: Mapping[str, Any]) -> tuple[str, str | None]:
+    """The breaker's table cell, and a note when it is not simply closed."""
     state = str(data.get("state", "?"))
-    failures = data.get("consecutive_failures")
-    if state == "open":
-        return f"open, retry in {data.get('retry_after', 0):g} s"
-    if failures:
-        return f"{state}, {failures} failures"
-    return state
+    failures = data.get("consecutive_failures", 0)
+    cell = f"{state} {failures}/{data.get('failure_threshold', '?')}" if failures else state
+    note = None
+    if state != "closed":
+        retry = data.get("retry_after")
+        trial = f"next trial in {retry:.1f} s" if isinstance(retry, int | float) else state
+        note = f"{state}, {trial}; rejected calls: {data.get('rejected_calls', '?')}"
+    return cell, note
 
 
-def _probe(data: Mapping[str, Any]) -> str:
+def _probe(data: Mapping[str, Any]) -> tuple[str, str | None]:
+    """The probe's table cell, and a note with the error when it failed."""
     if data.get("ok") is None:
-        return "not yet"
+        return "not yet", None
     if data.get("ok"):
         latency = data.get("latency_ms")
-        return "ok" if latency is None else f"ok {latency:g} ms"
-    return f"failed: {data.get('error')}"
+        return ("ok" if latency is None else f"ok {latency:g} ms"), None
+    interval = data.get("interval")
+    every = f" (probed every {interval:g} s)" if isinstance(interval, int | float) else ""
+    return "failed", f"failed: {data.get('error')}{every}"
 
 
 def _sizing(data: Mapping[str, Any]) -> str:
@@ -558,28 +570,37 @@ def render_health(health: Health) -> RenderableType:
     )
     for name, justify in columns:
         table.add_column(name, justify=justify, no_wrap=justify == "right")
-    sizing = Table.grid(padding=(0, 1))
-    sizing.add_column(style="dim", no_wrap=True)
-    sizing.add_column(style="dim")
+    notes = Table.grid(padding=(0, 1))
+    notes.add_column(no_wrap=True)
+    notes.add_column()
     databases: Mapping[str, Any] = health.body.get("databases") or {}
     for name, db in databases.items():
         pool = db.get("pool", {})
+        breaker, breaker_note = _breaker(db.get("circuit_breaker", {}))
+        probe, probe_note = _probe(db.get("probe", {}))
         table.add_row(
             name,
             _styled(str(db.get("status"))),
-            _breaker(db.get("circuit_breaker", {})),
+            breaker,
             *(str(pool.get(k, "?")) for k in ("size", "checked_out", "overflow", "max", "waiting")),
-            _probe(db.get("probe", {})),
+            probe,
         )
+        if breaker_note:
+            notes.add_row(f"{name} breaker:", Text(breaker_note, style="red"))
+        if probe_note:
+            notes.add_row(f"{name} probe:", Text(probe_note, style="red"))
+        if db.get("server_version") or db.get("url"):
+            server = f"PostgreSQL {db.get('server_version', '?')} at {db.get('url', '?')}"
+            notes.add_row(f"{name} server:", Text(mask_url(server), style="dim"))
         if "sizing" in db:
-            sizing.add_row(f"{name} sizing:", _sizing(db["sizing"]))
+            notes.add_row(f"{name} sizing:", Text(_sizing(db["sizing"]), style="dim"))
     header = Text.assemble(
         (mask_url(health.url), "bold"),
         "  ",
         _styled(health.status),
         f" (HTTP {health.http_status})",
     )
-    return Group(header, table, sizing)
+    return Group(header, table, notes)
 
 
 def _client(args: argparse.Namespace) -> httpx.Client:
@@ -737,9 +758,11 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         help="postgresql:// or postgresql+asyncpg:// URL [DATABASE_URL]",
     )
-    check.add_argument("--pods", type=_whole(1), help="pods sharing the database [POD_COUNT]")
     check.add_argument(
-        "--workers", type=_whole(1), help="worker processes per pod [WEB_CONCURRENCY]"
+        "--pods", type=_whole(1), metavar="N", help="pods sharing the database [POD_COUNT]"
+    )
+    check.add_argument(
+        "--workers", type=_whole(1), metavar="N", help="worker processes per pod [WEB_CONCURRENCY]"
     )
     check.add_argument(
         "--surge", type=_surge, metavar="N|P%", help="extra pods in a rollout [DB_ROLLOUT_SURGE]"
@@ -751,8 +774,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="connections the service may use [DB_MAX_CONNECTIONS; default: what the server "
         "allows ordinary roles]",
     )
-    check.add_argument("--pool-size", type=_whole(1), help="explicit pool size [DB_POOL_SIZE]")
-    check.add_argument("--max-overflow", type=_whole(0), help="explicit overflow [DB_MAX_OVERFLOW]")
+    check.add_argument(
+        "--pool-size", type=_whole(1), metavar="N", help="explicit pool size [DB_POOL_SIZE]"
+    )
+    check.add_argument(
+        "--max-overflow", type=_whole(0), metavar="N", help="explicit overflow [DB_MAX_OVERFLOW]"
+    )
     check.add_argument(
         "--pool-size-cap",
         type=_whole(1),
@@ -761,11 +788,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument(
         "--application-name",
+        metavar="NAME",
         help="the service's application_name, whose connections the fleet replaces "
         "[DB_APPLICATION_NAME]",
     )
     check.add_argument(
-        "--timeout", type=_seconds, help="seconds to connect [DB_CONNECT_TIMEOUT, 5]"
+        "--timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="seconds to connect [DB_CONNECT_TIMEOUT, 5]",
     )
     check.add_argument("--json", action="store_true", help="print JSON for scripts")
     check.set_defaults(handler="check")
@@ -777,14 +808,22 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("url", metavar="URL", help="the service's base URL, or the full URL")
         sub.add_argument(
-            "--timeout", type=_seconds, default=5.0, help="seconds to wait for an answer [5]"
+            "--timeout",
+            type=_seconds,
+            default=5.0,
+            metavar="SECONDS",
+            help="seconds to wait for an answer [5]",
         )
         sub.add_argument("--json", action="store_true", help="print the JSON body instead")
         if name == "watch":
             sub.add_argument(
-                "--interval", type=_seconds, default=2.0, help="seconds between refreshes [2]"
+                "--interval",
+                type=_seconds,
+                default=2.0,
+                metavar="SECONDS",
+                help="seconds between refreshes [2]",
             )
-            sub.add_argument("--count", type=_whole(1), help="stop after N refreshes")
+            sub.add_argument("--count", type=_whole(1), metavar="N", help="stop after N refreshes")
         sub.set_defaults(handler=name)
     return parser
 

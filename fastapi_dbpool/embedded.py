@@ -14,7 +14,9 @@ unprivileged system user ``pgserver`` (the same user the ``pgserver`` package us
 created with ``useradd`` if missing. The data directory is then owned by that user, and the
 parent directories of the data directory and of the ``pgserver`` install get the "others may
 traverse" bit (``o+x``) where it is missing (as ``pgserver`` itself does, though it adds
-``o+rx``).
+``o+rx``). Keep such a data directory out of places whose permissions something else resets:
+pytest sets ``/tmp/pytest-of-root`` back to mode 0700 whenever a session starts, after which
+a running server PANICs at its next checkpoint (``global/pg_control: Permission denied``).
 """
 
 from __future__ import annotations

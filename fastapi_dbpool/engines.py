@@ -29,6 +29,7 @@ from .breaker import CircuitBreaker, is_connection_failure
 from .context import current_request
 from .errors import ConfigurationError, DatabaseUnavailableError, DeadlineExceededError
 from .failover import FailoverConnector
+from .leaks import USED_AFTER_REQUEST, Checkout, LeakTracker, capture_stack
 from .pool import InstrumentedQueuePool, PoolStats, attach
 from .settings import DBPoolSettings, safe_url
 from .sizing import BudgetError, PoolBudget, ServerLimits, plan_pool
@@ -52,22 +53,6 @@ class ServerInfo:
 
     limits: ServerLimits
     version: str
-
-
-class Checkout:
-    """One connection while it is checked out of the pool.
-
-    Attributes:
-        started: ``time.monotonic()`` at checkout.
-        owner: The request context that took it, or None outside any request.
-    """
-
-    __slots__ = ("__weakref__", "owner", "record", "started")
-
-    def __init__(self, record: ConnectionPoolEntry, started: float, owner: object | None) -> None:
-        self.record = record
-        self.started = started
-        self.owner = owner
 
 
 class Database:
@@ -99,6 +84,8 @@ class Database:
         self.budget = budget
         self.server = server
         self.checked_out: dict[int, Checkout] = {}
+        #: Set by the runtime: where leaks are reported.
+        self.leaks: LeakTracker | None = None
         self.stats = PoolStats()
         self.breaker = CircuitBreaker(
             name,
@@ -230,13 +217,30 @@ class Database:
             if breaker.failures or not breaker.is_closed:
                 breaker.record_success()
 
+        track_stack = self.settings.leak_track_stack
+        current_task = asyncio.current_task
+
         def on_checkout(
             dbapi_connection: Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
         ) -> None:
             now = monotonic()
             if pre_ping and now - record.info.get(_CHECKED_IN_AT, now) > idle_limit:
                 _ping(dbapi_connection)
-            checked_out[id(record)] = Checkout(record, now, None)
+            owner = current_request.get()
+            checkout = Checkout(
+                record,
+                proxy,
+                now,
+                owner,
+                current_task(),
+                capture_stack() if track_stack else (),
+            )
+            checked_out[id(record)] = checkout
+            if owner is not None:
+                owner.checkouts += 1
+                if owner.finished and self.leaks is not None:
+                    # The request is over, yet something it handed out took a connection.
+                    self.leaks.report(self, checkout, USED_AFTER_REQUEST, now)
 
         default_client_timeout = self.settings.command_timeout + self.settings.client_timeout_grace
 
@@ -248,12 +252,11 @@ class Database:
             checkout = checked_out.pop(id(record), None)
             if checkout is not None:
                 use_time.observe(now - checkout.started)
+                if checkout.reported is not None and self.leaks is not None:
+                    self.leaks.returned(self, checkout, now)
             if record.info.pop(_CLIENT_TIMEOUT_CHANGED, False) and dbapi_connection is not None:
                 driver = dbapi_connection.driver_connection
                 driver._config = driver._config._replace(command_timeout=default_client_timeout)
-
-        def on_close(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
-            checked_out.pop(id(record), None)
 
         name = self.name
         client_deadline = self.settings.command_timeout + self.settings.client_timeout_grace
@@ -307,8 +310,6 @@ class Database:
         event.listen(pool, "connect", on_connect)
         event.listen(pool, "checkout", on_checkout)
         event.listen(pool, "checkin", on_checkin)
-        event.listen(pool, "close", on_close)
-        event.listen(pool, "invalidate", lambda c, r, e: checked_out.pop(id(r), None))
 
 
 def _opened_at(context: ExceptionContext) -> float | None:

@@ -15,9 +15,12 @@ from fastapi.responses import JSONResponse
 from .breaker import BreakerState
 from .context import STATE_KEY
 from .errors import NotInstalledError
+from .leaks import LEAK_KINDS
+from .metrics import metrics_endpoint
 from .runtime import DBPoolRuntime
 
 router = APIRouter(tags=["health"])
+router.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
 
 OK = "ok"
 DEGRADED = "degraded"
@@ -78,6 +81,7 @@ def readiness(runtime: DBPoolRuntime) -> tuple[dict[str, Any], int]:
             },
             "sizing": db.budget.as_dict(),
         }
+        entry["leaks"] = {kind: runtime.leaks.counts.get((name, kind), 0) for kind in LEAK_KINDS}
         if db.failover is not None:
             entry["failover"] = db.failover.snapshot()
         if settings.health_details:
@@ -88,10 +92,11 @@ def readiness(runtime: DBPoolRuntime) -> tuple[dict[str, Any], int]:
             overall = UNAVAILABLE
         elif status != OK and overall == OK:
             overall = DEGRADED
+    leaks = runtime.leaks.snapshot(with_stacks=settings.health_details)
     if runtime.draining:
-        return {"status": DRAINING, "databases": databases}, 503
+        return {"status": DRAINING, "databases": databases, "leaks": leaks}, 503
     if overall == UNAVAILABLE:
         if settings.readiness_requires_database:
-            return {"status": UNAVAILABLE, "databases": databases}, 503
+            return {"status": UNAVAILABLE, "databases": databases, "leaks": leaks}, 503
         overall = DEGRADED
-    return {"status": overall, "databases": databases}, 200
+    return {"status": overall, "databases": databases, "leaks": leaks}, 200

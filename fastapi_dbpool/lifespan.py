@@ -10,10 +10,12 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import FrameType
 from typing import Any
 
+from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 
 from .context import STATE_KEY
 from .errors import NotInstalledError
+from .metrics import EXPORTER_STATE_KEY, MetricsExporter, registry_of
 from .runtime import DBPoolRuntime
 from .settings import DBPoolSettings
 
@@ -40,14 +42,19 @@ async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
     runtime = await DBPoolRuntime.start(settings)
     setattr(app.state, _RUNTIME_ATTR, runtime)
     restore = _drain_on_sigterm(runtime)
+    exporter: MetricsExporter | None = None
     try:
-        yield {STATE_KEY: runtime}
+        # The pools are scraped for as long as they exist: through the drain too.
+        exporter = MetricsExporter.start(runtime, registry_of(app))
+        yield {STATE_KEY: runtime, EXPORTER_STATE_KEY: exporter}
     finally:
         restore()
         try:
             await runtime.close()
         finally:
             setattr(app.state, _RUNTIME_ATTR, None)
+            if exporter is not None:
+                await exporter.stop()
 
 
 def _drain_on_sigterm(runtime: DBPoolRuntime) -> Callable[[], None]:
@@ -114,7 +121,12 @@ def compose(ours: Lifespan, theirs: Lifespan) -> Lifespan:
     return composed
 
 
-def install(app: Starlette, *, settings: DBPoolSettings | None = None) -> None:
+def install(
+    app: Starlette,
+    *,
+    settings: DBPoolSettings | None = None,
+    registry: CollectorRegistry | None = None,
+) -> None:
     """Wire fastapi_dbpool into ``app`` in one line.
 
     Wraps the app's lifespan (ours starts first, so the app's own startup code can use
@@ -124,6 +136,9 @@ def install(app: Starlette, *, settings: DBPoolSettings | None = None) -> None:
     Args:
         app: The FastAPI (or Starlette) application.
         settings: Settings to use instead of the environment.
+        registry: The Prometheus registry of the app's metrics (pools and HTTP), served
+            on ``/metrics``; default ``prometheus_client.REGISTRY``. Tests give each app
+            a fresh ``CollectorRegistry()``.
 
     Raises:
         RuntimeError: The app has already started.
@@ -134,5 +149,5 @@ def install(app: Starlette, *, settings: DBPoolSettings | None = None) -> None:
     if settings is not None:
         setattr(app.state, _SETTINGS_ATTR, settings)
     app.router.lifespan_context = compose(lifespan, app.router.lifespan_context)
-    app.add_middleware(DBPoolMiddleware)
+    app.add_middleware(DBPoolMiddleware, registry=registry)
     app.include_router(router)  # type: ignore[attr-defined]

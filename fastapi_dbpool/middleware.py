@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from prometheus_client import CollectorRegistry
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .context import STATE_KEY, current_request
 from .errors import NotInstalledError
+from .metrics import HTTPMetrics
 from .requests import RequestContext
 from .responses import ErrorResponse, map_exception
 from .runtime import DBPoolRuntime
@@ -31,13 +33,27 @@ class DBPoolMiddleware:
     """Pure ASGI middleware giving each request its database scope.
 
     Add it with ``app.add_middleware(dbpool.DBPoolMiddleware)`` (``dbpool.install(app)``
-    does it for you).
+    does it for you). It brings prometheus-fastapi-instrumentator's HTTP metrics
+    (``DB_HTTP_METRICS=false`` turns them off).
+
+    Args:
+        app: The ASGI app to wrap.
+        registry: The Prometheus registry of the app's metrics (pools and HTTP), served on
+            ``/metrics``; default ``prometheus_client.REGISTRY``:
+            ``app.add_middleware(dbpool.DBPoolMiddleware, registry=CollectorRegistry())``.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, registry: CollectorRegistry | None = None) -> None:
         self.app = app
+        # The HTTP metrics wrap our own handling so that they record the status the client
+        # got (a failed commit's 500, a mapped 503/504). Nothing is registered here:
+        # Starlette may build the middleware stack more than once.
+        self._entry: ASGIApp = HTTPMetrics(self._serve, registry)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._entry(scope, receive, send)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "lifespan":
             await self.app(scope, receive, _check_startup(scope, send))

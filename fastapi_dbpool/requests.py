@@ -44,6 +44,7 @@ class RequestContext:
         "_timer",
         "_watcher",
         "cancelled_on_disconnect",
+        "checkouts",
         "extra_sessions",
         "failed",
         "finished",
@@ -60,6 +61,7 @@ class RequestContext:
         self.extra_sessions: set[AsyncSession] | None = None
         self.finished = False
         self.failed = False
+        self.checkouts = 0
         self.task: asyncio.Task[Any] | None = None
         self.cancelled_on_disconnect = False
         self._receive = receive
@@ -136,16 +138,38 @@ class RequestContext:
                 await _close_shielded(sess)
 
     async def finish(self) -> None:
-        """The request's ASGI call is over: release everything, stop watching."""
-        self.finished = True
+        """The request's ASGI call is over: release everything, stop watching.
+
+        What the request's own sessions hold is given back here; anything else it
+        took and still holds now (a spawned task's connection, a factory session left
+        open) is reported as leaked before the factory sessions are closed.
+        """
         if self._timer is not None:
             self._timer.cancel()
         if self._watcher is not None:
             self._watcher.cancel()
         await self.release()
+        self.finished = True
+        if self.checkouts:
+            runtime = self.runtime
+            runtime.leaks.request_finished(self, list(runtime.databases.values()))
         if self.extra_sessions:
             for sess in list(self.extra_sessions):
                 await _close_shielded(sess)
+
+    def route(self) -> str | None:
+        """The route template that served this request (never the raw path)."""
+        route = self.scope.get("route")
+        path = getattr(route, "path", None)
+        return path if isinstance(path, str) else None
+
+    def request_id(self) -> str | None:
+        """The request's id from ``X-Request-ID`` (or ``X-Correlation-ID``), if any."""
+        for name, value in self.scope.get("headers", ()):
+            if name in (b"x-request-id", b"x-correlation-id"):
+                text: str = value.decode("latin-1")[:128]
+                return text
+        return None
 
     # -- client disconnects ---------------------------------------------------------
 

@@ -8,6 +8,7 @@ two tests) in one process never share a pool.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -16,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from .engines import Database, build_databases
 from .errors import CircuitOpenError
+from .leaks import LeakTracker
 from .probe import DatabaseProbe
 from .requests import unknown_database
 from .sessions import RequestSession
@@ -41,6 +43,14 @@ class DBPoolRuntime:
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self.leaks = LeakTracker(
+            threshold=settings.leak_threshold,
+            reclaim_after=settings.leak_reclaim_after,
+            reclaim_unowned=settings.leak_reclaim_unowned,
+        )
+        for db in self.databases.values():
+            db.leaks = self.leaks
+        self._leak_scan: asyncio.Task[None] | None = None
         timeout = min(settings.connect_timeout, settings.health_check_interval)
         self.probes = {
             name: DatabaseProbe(db, interval=settings.health_check_interval, timeout=timeout)
@@ -61,6 +71,9 @@ class DBPoolRuntime:
         await asyncio.gather(*(probe.check() for probe in runtime.probes.values()))
         for probe in runtime.probes.values():
             probe.start()
+        runtime._leak_scan = asyncio.get_running_loop().create_task(
+            runtime.leaks.run(list(runtime.databases.values())), name="fastapi_dbpool.leaks"
+        )
         return runtime
 
     def database(self, name: str) -> Database:
@@ -108,6 +121,10 @@ class DBPoolRuntime:
         if self.in_flight <= 0:
             self._idle.set()
 
+    async def wait_idle(self) -> None:
+        """Return once no request is in flight."""
+        await self._idle.wait()
+
     async def close(self) -> None:
         """Drain in-flight requests (up to ``DB_DRAIN_TIMEOUT``), then dispose every engine."""
         self.draining = True
@@ -128,6 +145,10 @@ class DBPoolRuntime:
                     extra={"in_flight": self.in_flight},
                 )
         await asyncio.gather(*(probe.stop() for probe in self.probes.values()))
+        if self._leak_scan is not None:
+            self._leak_scan.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._leak_scan
         for db in self.databases.values():
             await db.dispose()
         logger.info("engines disposed: %s", ", ".join(self.databases))

@@ -236,6 +236,22 @@ class DBPoolSettings:
     )
     """Record the stack where each session or connection was taken (costs a few µs)."""
 
+    leak_reclaim_after: float = _setting(
+        60.0, "DB_LEAK_RECLAIM_AFTER", float, "seconds after which a leaked connection is reclaimed"
+    )
+    """Seconds after which a connection leaked by a completed request is invalidated, so
+    the pool gets its capacity back (the holder gets an error on its next use)."""
+
+    leak_reclaim_unowned: bool = _setting(
+        False,
+        "DB_LEAK_RECLAIM_UNOWNED",
+        _parse_bool,
+        "also reclaim connections held too long outside requests",
+    )
+    """Also reclaim connections held past DB_LEAK_RECLAIM_AFTER outside any request. Off by
+    default: a job or migration may hold one connection for a long time on purpose, and
+    closing it under them would abort their work."""
+
     circuit_failure_threshold: int = _setting(
         5, "DB_CIRCUIT_FAILURE_THRESHOLD", int, "consecutive failures that open the breaker"
     )
@@ -274,6 +290,13 @@ class DBPoolSettings:
 
     http_metrics: bool = _setting(True, "DB_HTTP_METRICS", _parse_bool, "instrumentator on")
     """Expose prometheus-fastapi-instrumentator's HTTP metrics on ``/metrics``."""
+
+    metrics_sync_interval: float = _setting(
+        1.0, "DB_METRICS_SYNC_INTERVAL", float, "seconds between multiprocess metric writes"
+    )
+    """Under ``PROMETHEUS_MULTIPROC_DIR`` (several workers per pod): seconds between two
+    copies of this worker's pool numbers into the shared metric files. A scrape served by
+    another worker sees this worker's numbers at most this old."""
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -369,9 +392,11 @@ def _validate(s: DBPoolSettings) -> None:
         "pool_recycle",
         "pre_ping_idle",
         "leak_threshold",
+        "leak_reclaim_after",
         "circuit_recovery_timeout",
         "health_check_interval",
         "drain_timeout",
+        "metrics_sync_interval",
     ):
         value = getattr(s, name)
         if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -250,3 +251,23 @@ async def _server_version(url: str) -> str:
         return version
     finally:
         await conn.close()
+
+
+async def test_an_unprivileged_role_counts_the_same_clients(
+    database_url: str, other_clients: int
+) -> None:
+    # Without pg_read_all_stats, other roles' processes hide their backend_type; the count
+    # must still leave out the server's own processes (launchers, checkpointer, ...).
+    role = f"cli_reader_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        await admin.execute(f"CREATE ROLE {role} LOGIN")
+        as_role = make_url(database_url).set(username=role).render_as_string(hide_password=False)
+        privileged = await run_cli("check", database_url, "--json")
+        unprivileged = await run_cli("check", as_role, "--json")
+    finally:
+        await admin.execute(f"DROP ROLE IF EXISTS {role}")
+        await admin.close()
+    seen = privileged.json()["connections"]["by_application"]
+    assert seen["billing-worker"] == other_clients
+    assert unprivileged.json()["connections"]["by_application"] == seen

@@ -368,8 +368,14 @@ def test_health_ok_renders_the_table() -> None:
 def test_health_status_decides_the_exit_code(status: str, code: int) -> None:
     body = health_body(
         status,
-        circuit_breaker={"state": "open", "consecutive_failures": 5, "retry_after": 7.5},
-        probe={"ok": False, "latency_ms": None, "error": "ConnectionRefusedError"},
+        circuit_breaker={
+            "state": "open",
+            "consecutive_failures": 5,
+            "failure_threshold": 5,
+            "retry_after": 7.5,
+            "rejected_calls": 2,
+        },
+        probe={"ok": False, "latency_ms": None, "error": "ConnectionRefusedError", "interval": 5.0},
     )
     http = 200 if code == 0 else 503
     with client_answering(httpx.Response(http, json=body)) as client:
@@ -377,7 +383,10 @@ def test_health_status_decides_the_exit_code(status: str, code: int) -> None:
     assert health.exit_code == code
     text = _render(cli.render_health(health))
     assert f"{status} (HTTP {http})" in text
-    assert "open, retry in 7.5 s" in text and "failed: ConnectionRefusedError" in text
+    row = next(line for line in text.splitlines() if line.startswith("primary "))
+    assert row.split() == ["primary", status, "open", "5/5", "4", "1", "0", "4", "0", "failed"]
+    assert "primary breaker: open, next trial in 7.5 s; rejected calls: 2" in text
+    assert "primary probe:   failed: ConnectionRefusedError (probed every 5 s)" in text
 
 
 @pytest.mark.parametrize(

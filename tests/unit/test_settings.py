@@ -61,6 +61,8 @@ CONTRACT_VARIABLES: list[tuple[str, str, str, Any]] = [
 ]
 
 EXTRA_VARIABLES: list[tuple[str, str, str, Any]] = [
+    ("DB_LEAK_RECLAIM_AFTER", "leak_reclaim_after", "90", 90.0),
+    ("DB_LEAK_RECLAIM_UNOWNED", "leak_reclaim_unowned", "yes", True),
     ("DB_POOL_SIZE_CAP", "pool_size_cap", "12", 12),
     ("DB_ROLLOUT_SURGE", "rollout_surge", "25%", "25%"),
     ("DB_STRICT_BUDGET", "strict_budget", "yes", True),
@@ -104,6 +106,8 @@ DOCUMENTED_DEFAULTS: dict[str, Any] = {
     "autocommit": False,
     "leak_threshold": 30.0,
     "leak_track_stack": False,
+    "leak_reclaim_after": 60.0,
+    "leak_reclaim_unowned": False,
     "circuit_failure_threshold": 5,
     "circuit_recovery_timeout": 10.0,
     "health_check_interval": 5.0,
@@ -123,6 +127,7 @@ SECONDS_VARIABLES = [
     "DB_POOL_RECYCLE",
     "DB_PRE_PING_IDLE",
     "DB_LEAK_THRESHOLD",
+    "DB_LEAK_RECLAIM_AFTER",
     "DB_CIRCUIT_RECOVERY_TIMEOUT",
     "DB_HEALTH_CHECK_INTERVAL",
     "DB_DRAIN_TIMEOUT",
@@ -134,6 +139,7 @@ BOOLEAN_VARIABLES = [
     "DB_WARM_POOL",
     "DB_AUTOCOMMIT",
     "DB_LEAK_TRACK_STACK",
+    "DB_LEAK_RECLAIM_UNOWNED",
     "DB_READINESS_REQUIRES_DATABASE",
     "DB_HEALTH_DETAILS",
     "DB_HTTP_METRICS",
