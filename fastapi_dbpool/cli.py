@@ -188,19 +188,11 @@ def database_url(text: str) -> URL:
         return normalize_url(text, "DATABASE_URL")
     except ConfigurationError as exc:
         raise CLIError(str(exc)) from None
-    except ValueError as exc:
-        # make_url raises a bare ValueError for a port that is not a number.
-        raise CLIError(
-            f"DATABASE_URL is not a valid database URL: {mask_url(text)!r}: {exc}"
-        ) from None
 
 
 def shown_url(text: str) -> str:
     """The URL as the user gave it, for messages: password masked, query string dropped."""
-    try:
-        return safe_url(text)
-    except ValueError:
-        return mask_url(text)
+    return safe_url(text)
 
 
 async def inspect_server(url: URL, settings: DBPoolSettings) -> ServerReport:
@@ -399,7 +391,15 @@ def run_check(args: argparse.Namespace, console: Console, environ: Mapping[str, 
     settings = check_settings(args, environ)
     report = asyncio.run(inspect_server(url, settings))
     shown = shown_url(args.database_url)
-    result = assess(settings, report.info, report.activity)
+    # decide_budget logs what the report says anyway (a budget above the server's); without
+    # a handler of the user's, Python's last-resort handler would print it to stderr.
+    library_logger = logging.getLogger("fastapi_dbpool")
+    silencer = logging.NullHandler()
+    library_logger.addHandler(silencer)
+    try:
+        result = assess(settings, report.info, report.activity)
+    finally:
+        library_logger.removeHandler(silencer)
     if args.json:
         console.out(json.dumps(check_json(shown, report, result), indent=2), highlight=False)
     else:
@@ -854,10 +854,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "fastapi-dbpool: error: check needs a DATABASE_URL argument or $DATABASE_URL\n"
             )
             return EXIT_USAGE
-    # The library logs what the command reports itself (a budget above the server's).
-    library_logger = logging.getLogger("fastapi_dbpool")
-    if not library_logger.handlers:
-        library_logger.addHandler(logging.NullHandler())
     try:
         _require("rich", *(() if args.handler == "check" else ("httpx",)))
         from rich.console import Console

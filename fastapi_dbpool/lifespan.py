@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import threading
@@ -72,15 +73,26 @@ def _drain_on_sigterm(runtime: DBPoolRuntime) -> Callable[[], None]:
         # nothing of ours to chain to; lifespan shutdown will still set draining.
         return lambda: None
 
+    delay = runtime.settings.shutdown_delay
+    loop = asyncio.get_running_loop()
+
     def on_sigterm(signum: int, frame: FrameType | None) -> None:
-        if not runtime.draining:
-            runtime.draining = True
-            logger.info(
-                "SIGTERM: draining, %d requests in flight",
-                runtime.in_flight,
-                extra={"in_flight": runtime.in_flight},
-            )
-        previous(signum, frame)
+        if runtime.draining:
+            previous(signum, frame)
+            return
+        runtime.draining = True
+        logger.info(
+            "SIGTERM: draining, %d requests in flight; server shutdown in %.1fs",
+            runtime.in_flight,
+            delay,
+            extra={"in_flight": runtime.in_flight, "shutdown_delay": delay},
+        )
+        if delay > 0:
+            # Keep serving while readiness says 503, so the endpoints controller takes
+            # the pod out of rotation before the server stops accepting connections.
+            loop.call_later(delay, previous, signum, frame)
+        else:
+            previous(signum, frame)
 
     signal.signal(signal.SIGTERM, on_sigterm)
 

@@ -283,6 +283,14 @@ class DBPoolSettings:
     )
     """Show the server version and the (password-free) host in /health/database."""
 
+    shutdown_delay: float = _setting(
+        0.0, "DB_SHUTDOWN_DELAY", float, "seconds to report draining before shutting down"
+    )
+    """Seconds between SIGTERM and the server's own shutdown, during which
+    /health/database answers 503 ``draining`` while requests are still served, so
+    Kubernetes takes the pod out of its endpoints before it stops accepting connections
+    (what a ``preStop: sleep`` hook does, without needing a shell in the image). 0: off."""
+
     drain_timeout: float = _setting(
         20.0, "DB_DRAIN_TIMEOUT", float, "seconds in-flight requests get at shutdown"
     )
@@ -380,6 +388,8 @@ def _validate(s: DBPoolSettings) -> None:
             raise _fail(name, value, "must be a whole number of at least 1")
     if s.max_overflow is not None and (not isinstance(s.max_overflow, int) or s.max_overflow < 0):
         raise _fail("max_overflow", s.max_overflow, "must be a whole number of at least 0")
+    if not isinstance(s.shutdown_delay, int | float) or not 0 <= s.shutdown_delay < math.inf:
+        raise _fail("shutdown_delay", s.shutdown_delay, "must be a number of seconds, 0 or more")
     if s.circuit_failure_threshold < 1:
         raise _fail("circuit_failure_threshold", s.circuit_failure_threshold, "must be at least 1")
     for name in (

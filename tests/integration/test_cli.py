@@ -153,6 +153,17 @@ async def test_check_exits_3_when_explicit_sizes_oversubscribe_the_budget(
     assert "= 132 connections, more than the budget of 40 (DB_MAX_CONNECTIONS)" in run.out
 
 
+async def test_check_exits_3_when_the_budget_is_more_than_the_server_allows(
+    database_url: str,
+) -> None:
+    slots = available(await server_limits(database_url))
+    run = await run_cli("check", database_url, "--max-connections", str(slots + 50))
+    assert run.code == 3
+    assert f"DB_MAX_CONNECTIONS={slots + 50} is more than the {slots} connections" in run.out
+    # reported once, in the report: the library's own warning is not printed as well
+    assert run.err == ""
+
+
 async def test_check_exits_3_when_other_clients_leave_no_room_for_the_fleet(
     database_url: str, other_clients: int
 ) -> None:

@@ -97,21 +97,19 @@ async def gunicorn(database_url: str, workdir: Path, app_name: str) -> AsyncIter
     }
     log_path = workdir / "gunicorn.log"
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [
-                str(executable),
-                "--config",
-                str(conf),
-                "--worker-class",
-                _worker_class(),
-                "--workers",
-                str(WORKERS),
-                "--bind",
-                f"127.0.0.1:{port}",
-                "--graceful-timeout",
-                "10",
-                "tests.integration.test_metrics_multiprocess:create_app()",
-            ],
+        proc = await asyncio.create_subprocess_exec(
+            str(executable),
+            "--config",
+            str(conf),
+            "--worker-class",
+            _worker_class(),
+            "--workers",
+            str(WORKERS),
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--graceful-timeout",
+            "10",
+            "tests.integration.test_metrics_multiprocess:create_app()",
             cwd=REPO,
             env=env,
             stdout=log,
@@ -122,21 +120,22 @@ async def gunicorn(database_url: str, workdir: Path, app_name: str) -> AsyncIter
         await _poll(lambda: _live(base, proc), lambda ok: ok, timeout=60, what="gunicorn to serve")
         yield base
     except BaseException:
+        # The server's side of a failure, in the test's captured output.
         print(log_path.read_text(errors="replace")[-8000:])
         raise
     finally:
-        if proc.poll() is None:
+        if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
             try:
-                await asyncio.to_thread(proc.wait, 30)
-            except subprocess.TimeoutExpired:
+                await asyncio.wait_for(proc.wait(), 30)
+            except TimeoutError:
                 proc.kill()
-                await asyncio.to_thread(proc.wait, 10)
+                await asyncio.wait_for(proc.wait(), 10)
                 raise
 
 
-async def _live(base: str, proc: subprocess.Popen[bytes]) -> bool:
-    if proc.poll() is not None:
+async def _live(base: str, proc: asyncio.subprocess.Process) -> bool:
+    if proc.returncode is not None:
         raise RuntimeError(f"gunicorn exited with {proc.returncode}")
     try:
         async with httpx.AsyncClient() as client:
@@ -279,6 +278,6 @@ async def _pod_view(traffic: Traffic) -> dict[str, float | None]:
 
 def _gone(path: Path) -> Callable[[], Awaitable[bool]]:
     async def check() -> bool:
-        return not path.exists()
+        return not await asyncio.to_thread(path.exists)
 
     return check

@@ -61,6 +61,7 @@ CONTRACT_VARIABLES: list[tuple[str, str, str, Any]] = [
 ]
 
 EXTRA_VARIABLES: list[tuple[str, str, str, Any]] = [
+    ("DB_SHUTDOWN_DELAY", "shutdown_delay", "5", 5.0),
     ("DB_LEAK_RECLAIM_AFTER", "leak_reclaim_after", "90", 90.0),
     ("DB_LEAK_RECLAIM_UNOWNED", "leak_reclaim_unowned", "yes", True),
     ("DB_POOL_SIZE_CAP", "pool_size_cap", "12", 12),
@@ -113,6 +114,7 @@ DOCUMENTED_DEFAULTS: dict[str, Any] = {
     "health_check_interval": 5.0,
     "readiness_requires_database": True,
     "health_details": False,
+    "shutdown_delay": 0.0,
     "drain_timeout": 20.0,
     "http_metrics": True,
 }

@@ -1,0 +1,231 @@
+"""The apps under comparison: one factory per variant, the same routes in each.
+
+* ``bare`` - the plain pattern the FastAPI and SQLAlchemy docs teach: an engine made with
+  the app (``create_async_engine``), ``async_sessionmaker``, and ``async def
+  get_session(): async with Session() as s: yield s``; ``pool_pre_ping=False``.
+* ``production`` - the same with ``pool_pre_ping=True``, as deployment guides recommend.
+* ``dbpool`` - fastapi_dbpool with every feature on except the HTTP metrics.
+* ``dbpool_instr`` - the same plus prometheus-fastapi-instrumentator's HTTP metrics.
+* ``asyncpg`` - the floor: FastAPI with a raw asyncpg pool, no SQLAlchemy.
+
+Routes: ``/select1`` (``SELECT 1``), ``/items/{id}`` (a primary-key lookup),
+``/hold?seconds=`` (holds its connection on the server, for the burst), ``/health/live``.
+Every variant gets the same pool size; ``app_from_env`` builds one for ``uvicorn
+--factory`` from ``BENCH_*`` environment variables.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+from fastapi import Depends, FastAPI, HTTPException
+from prometheus_client import CollectorRegistry
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+import fastapi_dbpool as dbpool
+
+from .common import ITEMS_TABLE, asyncpg_dsn, dbpool_settings_fields
+
+VARIANTS = ("bare", "production", "dbpool", "dbpool_instr", "asyncpg")
+
+LABELS = {
+    "bare": "plain, bare (pre_ping off)",
+    "production": "plain, production (pre_ping on)",
+    "dbpool": "fastapi_dbpool, all features",
+    "dbpool_instr": "fastapi_dbpool + instrumentator",
+    "asyncpg": "raw asyncpg pool (floor)",
+}
+
+#: ``application_name`` of each variant's connections (counted in pg_stat_activity).
+APPLICATION_NAME = "dbpool-bench"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Item(Base):
+    __tablename__ = ITEMS_TABLE
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str]
+    price_cents: Mapped[int]
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """What every variant is built with."""
+
+    url: str
+    pool_size: int = 10
+    max_overflow: int = 10
+    checkout_timeout: float = 30.0
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    """Extra DBPoolSettings fields for the dbpool variants (ignored by the others)."""
+
+
+SessionDependency = Callable[..., Any]
+
+
+def _add_session_routes(app: FastAPI, get_session: SessionDependency) -> None:
+    @app.get("/select1")
+    async def select1(session: AsyncSession = Depends(get_session)) -> dict[str, int]:
+        value = (await session.execute(text("SELECT 1"))).scalar_one()
+        return {"value": value}
+
+    @app.get("/items/{item_id}")
+    async def read_item(
+        item_id: int, session: AsyncSession = Depends(get_session)
+    ) -> dict[str, Any]:
+        item = await session.get(Item, item_id)
+        if item is None:
+            raise HTTPException(404, "no such item")
+        return {"id": item.id, "name": item.name, "price_cents": item.price_cents}
+
+    @app.get("/hold")
+    async def hold(seconds: float, session: AsyncSession = Depends(get_session)) -> dict[str, str]:
+        await session.execute(text("SELECT pg_sleep(:s)"), {"s": seconds})
+        return {"status": "done"}
+
+
+def _add_live(app: FastAPI) -> None:
+    @app.get("/health/live")
+    async def live() -> dict[str, str]:
+        return {"status": "ok"}
+
+
+def plain_app(config: AppConfig, *, pre_ping: bool) -> FastAPI:
+    """The plain pattern, as the docs teach it (the engine is module-level there)."""
+    engine = create_async_engine(
+        config.url,
+        pool_size=config.pool_size,
+        max_overflow=config.max_overflow,
+        pool_timeout=config.checkout_timeout,
+        pool_pre_ping=pre_ping,
+        connect_args={"server_settings": {"application_name": APPLICATION_NAME}},
+    )
+    session_maker = async_sessionmaker(engine, expire_on_commit=False)
+
+    async def get_session() -> AsyncIterator[AsyncSession]:
+        async with session_maker() as session:
+            yield session
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await engine.dispose()
+
+    app = FastAPI(lifespan=lifespan)
+    app.state.engine = engine
+    _add_session_routes(app, get_session)
+    _add_live(app)
+    return app
+
+
+def dbpool_settings(config: AppConfig, **overrides: Any) -> dbpool.DBPoolSettings:
+    """Settings of the dbpool variants: library defaults, the comparison's pool size.
+
+    Fields this checkout of the library does not have are dropped (a benchmark of a
+    feature still being built reports it as missing instead of failing).
+    """
+    values: dict[str, Any] = {
+        "database_url": config.url,
+        "pool_size": config.pool_size,
+        "max_overflow": config.max_overflow,
+        "checkout_timeout": config.checkout_timeout,
+        "application_name": APPLICATION_NAME,
+        "http_metrics": False,
+    }
+    values.update(config.settings)
+    values.update(overrides)
+    known = dbpool_settings_fields()
+    return dbpool.DBPoolSettings(**{k: v for k, v in values.items() if k in known})
+
+
+def dbpool_app(config: AppConfig, **overrides: Any) -> FastAPI:
+    """fastapi_dbpool wired with ``install``, its own Prometheus registry."""
+    app = FastAPI()
+    dbpool.install(app, settings=dbpool_settings(config, **overrides), registry=CollectorRegistry())
+    _add_session_routes(app, dbpool.get_session)
+    return app
+
+
+def asyncpg_app(config: AppConfig) -> FastAPI:
+    """The floor: the same routes on a raw asyncpg pool, no SQLAlchemy."""
+    holder: dict[str, asyncpg.Pool] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        holder["pool"] = await asyncpg.create_pool(
+            asyncpg_dsn(config.url),
+            min_size=config.pool_size,
+            max_size=config.pool_size + config.max_overflow,
+            server_settings={"application_name": APPLICATION_NAME},
+        )
+        try:
+            yield
+        finally:
+            await holder["pool"].close()
+
+    async def get_conn() -> AsyncIterator[Any]:
+        async with holder["pool"].acquire(timeout=config.checkout_timeout) as conn:
+            yield conn
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.get("/select1")
+    async def select1(conn: Any = Depends(get_conn)) -> dict[str, int]:
+        return {"value": await conn.fetchval("SELECT 1")}
+
+    @app.get("/items/{item_id}")
+    async def read_item(item_id: int, conn: Any = Depends(get_conn)) -> dict[str, Any]:
+        row = await conn.fetchrow(
+            f"SELECT id, name, price_cents FROM {ITEMS_TABLE} WHERE id = $1", item_id
+        )
+        if row is None:
+            raise HTTPException(404, "no such item")
+        return dict(row)
+
+    @app.get("/hold")
+    async def hold(seconds: float, conn: Any = Depends(get_conn)) -> dict[str, str]:
+        await conn.execute("SELECT pg_sleep($1)", seconds)
+        return {"status": "done"}
+
+    _add_live(app)
+    return app
+
+
+def build_app(variant: str, config: AppConfig, **overrides: Any) -> FastAPI:
+    """The app of one variant; ``overrides`` are DBPoolSettings fields (dbpool only)."""
+    if variant == "bare":
+        return plain_app(config, pre_ping=False)
+    if variant == "production":
+        return plain_app(config, pre_ping=True)
+    if variant == "dbpool":
+        return dbpool_app(config, **overrides)
+    if variant == "dbpool_instr":
+        return dbpool_app(config, **{"http_metrics": True, **overrides})
+    if variant == "asyncpg":
+        return asyncpg_app(config)
+    raise ValueError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+
+
+def app_from_env() -> FastAPI:
+    """``uvicorn --factory benchmarks.apps:app_from_env``: the variant ``BENCH_VARIANT``."""
+    env = os.environ
+    config = AppConfig(
+        url=env["BENCH_DATABASE_URL"],
+        pool_size=int(env.get("BENCH_POOL_SIZE", "10")),
+        max_overflow=int(env.get("BENCH_MAX_OVERFLOW", "10")),
+        checkout_timeout=float(env.get("BENCH_CHECKOUT_TIMEOUT", "30")),
+    )
+    return build_app(env["BENCH_VARIANT"], config)

@@ -1,0 +1,224 @@
+"""2. In-process overhead: CPU per request through httpx's ASGI transport, no sockets.
+
+Every variant's app runs in this one process (lifespans started once); each round sends
+the same number of requests to each variant, in rotated order, with a few concurrent
+callers. ``time.process_time()`` over the batch divided by the requests is the CPU one
+request costs this process: httpx's client side (the same for every variant), the
+framework, the dependency, the pool and the driver. PostgreSQL runs elsewhere and is not
+counted. The difference to a baseline is what the library adds (or saves).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import math
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from .apps import LABELS, AppConfig, build_app
+from .common import (
+    BenchContext,
+    Report,
+    Spread,
+    Table,
+    Target,
+    deltas,
+    fmt_int,
+    ratios,
+    rotated,
+    run_async,
+    running,
+)
+
+VARIANTS = ("bare", "production", "dbpool", "dbpool_instr", "asyncpg")
+
+#: Route name, path for request ``i``.
+ROUTES: dict[str, Callable[[int, int], str]] = {
+    "select1": lambda i, items: "/select1",
+    "pk": lambda i, items: f"/items/{(i * 7919) % items + 1}",
+}
+ROUTE_TITLES = {"select1": "SELECT 1", "pk": "primary-key lookup"}
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One variant's batch in one round."""
+
+    cpu_us: float
+    wall_us: float
+    errors: int
+
+
+async def measure(
+    client: httpx.AsyncClient,
+    path: Callable[[int], str],
+    requests: int,
+    concurrency: int,
+) -> Batch:
+    """Send ``requests`` GETs from ``concurrency`` callers; CPU and wall time per request."""
+    numbers = iter(range(requests))
+    errors = 0
+
+    async def caller() -> None:
+        nonlocal errors
+        for i in numbers:
+            response = await client.get(path(i))
+            if response.status_code != 200:
+                errors += 1
+
+    gc.collect()
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    cpu1, wall1 = time.process_time(), time.perf_counter()
+    return Batch(
+        cpu_us=(cpu1 - cpu0) / requests * 1e6,
+        wall_us=(wall1 - wall0) / requests * 1e6,
+        errors=errors,
+    )
+
+
+async def compare(
+    ctx: BenchContext,
+    apps: dict[str, Any],
+    routes: Sequence[str],
+    requests: int,
+) -> dict[str, dict[str, list[Batch]]]:
+    """Alternating rounds over ``apps`` (name -> ASGI app, already running)."""
+    profile = ctx.profile
+    items = profile.items
+    results: dict[str, dict[str, list[Batch]]] = {r: {v: [] for v in apps} for r in routes}
+    async with AsyncExitStack() as stack:
+        clients = {
+            name: await stack.enter_async_context(
+                httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bench")
+            )
+            for name, app in apps.items()
+        }
+        warmup = max(20, requests // 10)
+        for route in routes:
+            for name, client in clients.items():
+                await measure(
+                    client,
+                    lambda i, r=route: ROUTES[r](i, items),
+                    warmup,
+                    profile.inproc_concurrency,
+                )
+        for round_index in range(ctx.rounds):
+            for route in routes:
+                for name in rotated(list(apps), round_index):
+                    batch = await measure(
+                        clients[name],
+                        lambda i, r=route: ROUTES[r](i + round_index * requests, items),
+                        requests,
+                        profile.inproc_concurrency,
+                    )
+                    results[route][name].append(batch)
+            ctx.log(f"overhead: round {round_index + 1}/{ctx.rounds} done")
+    return results
+
+
+def run(ctx: BenchContext) -> Report:
+    profile = ctx.profile
+    config = AppConfig(
+        url=ctx.database_url, pool_size=profile.pool_size, max_overflow=profile.max_overflow
+    )
+
+    async def main() -> dict[str, dict[str, list[Batch]]]:
+        async with AsyncExitStack() as stack:
+            apps = {
+                v: await stack.enter_async_context(running(build_app(v, config)))
+                for v in VARIANTS
+            }
+            return await compare(ctx, apps, list(ROUTES), profile.inproc_requests)
+
+    ctx.log(f"overhead: {len(VARIANTS)} variants, {profile.inproc_requests} requests per batch")
+    results = run_async(main)
+    report = Report(
+        "overhead",
+        "2. In-process overhead (httpx ASGI transport, CPU per request)",
+    )
+    for route in ROUTES:
+        report.tables.append(overhead_table(route, results[route], profile.inproc_requests, ctx))
+    report.targets.extend(overhead_targets(results))
+    report.data = {
+        "requests_per_batch": profile.inproc_requests,
+        "concurrency": profile.inproc_concurrency,
+        "rounds": ctx.rounds,
+        "batches": {
+            route: {v: [b.__dict__ for b in batches] for v, batches in by_variant.items()}
+            for route, by_variant in results.items()
+        },
+    }
+    report.notes.append(
+        "CPU is this process only (client + app + driver); PostgreSQL's CPU is not counted. "
+        "'speed' = bare CPU / variant CPU per round (>= 1.00 is as fast as bare); "
+        "'added' = variant CPU - baseline CPU per round, in microseconds."
+    )
+    return report
+
+
+def overhead_table(
+    route: str, by_variant: dict[str, list[Batch]], requests: int, ctx: BenchContext
+) -> Table:
+    """One route's table: CPU per request and the differences to both baselines."""
+    table = Table(
+        f"{ROUTE_TITLES.get(route, route)}: {requests} requests x {ctx.rounds} rounds, "
+        f"{ctx.profile.inproc_concurrency} concurrent callers",
+        [
+            "variant",
+            "CPU us/req",
+            "wall us/req",
+            "speed vs bare",
+            "speed vs production",
+            "added vs bare",
+            "added vs production",
+            "errors",
+        ],
+    )
+    bare = [b.cpu_us for b in by_variant["bare"]]
+    production = [b.cpu_us for b in by_variant["production"]]
+    for name, batches in by_variant.items():
+        cpu = [b.cpu_us for b in batches]
+        table.add(
+            LABELS.get(name, name),
+            fmt_int(Spread.of(cpu).median),
+            fmt_int(Spread.of([b.wall_us for b in batches]).median),
+            ratios(bare, cpu).ratio_text(),
+            ratios(production, cpu).ratio_text(),
+            deltas(cpu, bare).delta_text(" us"),
+            deltas(cpu, production).delta_text(" us"),
+            sum(b.errors for b in batches),
+        )
+    return table
+
+
+def overhead_targets(results: dict[str, dict[str, list[Batch]]]) -> list[Target]:
+    """CPU per request with every feature on: at least as fast as bare, ahead of production."""
+    targets = []
+    for route, by_variant in results.items():
+        bare = [b.cpu_us for b in by_variant["bare"]]
+        production = [b.cpu_us for b in by_variant["production"]]
+        for name in ("dbpool", "dbpool_instr"):
+            cpu = [b.cpu_us for b in by_variant[name]]
+            vs_bare = ratios(bare, cpu)
+            vs_prod = ratios(production, cpu)
+            met = (
+                None
+                if not math.isfinite(vs_bare.median)
+                else (vs_bare.median >= 1.0 and vs_prod.median > 1.0)
+            )
+            targets.append(
+                Target(
+                    f"in-process CPU, {ROUTE_TITLES[route]}, {LABELS[name]}",
+                    ">= 1.00x bare and > 1.00x production",
+                    f"{vs_bare.ratio_text()} bare, {vs_prod.ratio_text()} production",
+                    met,
+                )
+            )
+    return targets
