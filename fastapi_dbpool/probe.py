@@ -4,6 +4,11 @@ Readiness answers from what the probe last saw and the breaker, never from the r
 pool, so Kubernetes can ask as often as it likes: the database sees at most one probe
 query per interval per process. The probe also feeds the breaker (a failed probe is a
 connection-level failure) and is its half-open trial when the breaker is ready to close.
+
+With ``DATABASE_FAILOVER_URLS`` the probe checks every target (primary and alternates, one
+connection of its own each, concurrently under the same timeout), asks each whether it
+takes writes, and hands the results to the :class:`~fastapi_dbpool.failover.FailoverConnector`,
+which fails over or restores. The database is then up when its active target is.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from .breaker import BreakerState, is_connection_failure
+from .failover import READ_ONLY, READ_ONLY_QUERY, FailoverConnector, TargetCheck, error_label
 
 if TYPE_CHECKING:
     from .engines import Database
@@ -73,6 +79,7 @@ class DatabaseProbe:
         self.result = ProbeResult(None, None, None, None)
         self.queries = 0
         self._conn: Any = None
+        self._target_conns: dict[int, Any] = {}
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
 
@@ -110,6 +117,8 @@ class DatabaseProbe:
         if breaker.state is BreakerState.OPEN and not breaker.allow():
             # Not yet time for a trial: keep the cached answer.
             return self.result
+        if db.failover is not None:
+            return await self._check_targets(db, db.failover)
         started = self.clock()
         self.queries += 1
         try:
@@ -143,6 +152,58 @@ class DatabaseProbe:
             logger.info("probe of the %s database succeeded again", self.name)
         return self.result
 
+    async def _check_targets(self, db: Database, connector: FailoverConnector) -> ProbeResult:
+        checks = await asyncio.gather(
+            *(self._check_target(db, connector, i) for i in range(len(connector.targets)))
+        )
+        connector.update(checks)
+        active = checks[connector.active]
+        was_failing = self.result.ok is False
+        if active.ok:
+            self.result = ProbeResult(True, self.clock(), active.latency, None)
+            db.breaker.record_success()
+            if was_failing:
+                logger.info("probe of the %s database succeeded again", self.name)
+            return self.result
+        # No target works: the database is down, as without failover.
+        error = active.error or "unavailable"
+        self.result = ProbeResult(False, self.clock(), None, error)
+        db.breaker.record_failure()
+        logger.warning(
+            "probe of the %s database failed: %s (no failover target available either)",
+            self.name,
+            error,
+            extra={"database": self.name, "error": error},
+        )
+        return self.result
+
+    async def _check_target(
+        self, db: Database, connector: FailoverConnector, index: int
+    ) -> TargetCheck:
+        started = self.clock()
+        self.queries += 1
+        try:
+            async with asyncio.timeout(self.timeout):
+                conn = self._target_conns.get(index)
+                if conn is None or conn.is_closed():
+                    conn = await connector.connect_target(
+                        index,
+                        timeout=self.timeout,
+                        server_settings={"application_name": db.settings.application_name},
+                    )
+                    self._target_conns[index] = conn
+                read_only = await conn.fetchval(READ_ONLY_QUERY)
+        except Exception as exc:
+            # A failed target's connection is broken or stuck: no graceful close.
+            conn = self._target_conns.pop(index, None)
+            if conn is not None:
+                conn.terminate()
+            return TargetCheck(False, error_label(exc))
+        if read_only:
+            # Keep the connection: it tells us cheaply when the server is promoted.
+            return TargetCheck(False, READ_ONLY)
+        return TargetCheck(True, None, self.clock() - started)
+
     async def _run(self) -> None:
         while True:
             await self.check()
@@ -156,8 +217,10 @@ class DatabaseProbe:
 
     async def _close(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None and not conn.is_closed():
-            try:
-                await asyncio.wait_for(conn.close(), self.timeout)
-            except Exception:
-                conn.terminate()
+        conns, self._target_conns = list(self._target_conns.values()), {}
+        for conn in (conn, *conns):
+            if conn is not None and not conn.is_closed():
+                try:
+                    await asyncio.wait_for(conn.close(), self.timeout)
+                except Exception:
+                    conn.terminate()

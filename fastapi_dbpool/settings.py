@@ -50,6 +50,9 @@ def safe_url(url: URL | str) -> str:
             url = make_url(text)
         except (ArgumentError, ValueError):
             return _mask_unparsable(mask_url(text))
+    if url.host and "@" in url.host:
+        # An unencoded "@" in the password: the parser took part of it for the host.
+        return _mask_unparsable(url.set(query={}).render_as_string(hide_password=False))
     return url.set(query={}).render_as_string(hide_password=True)
 
 

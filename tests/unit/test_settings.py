@@ -805,3 +805,11 @@ def test_repr_never_shows_a_password() -> None:
     )
     assert "s3cr3t-pw" not in repr(settings)
     assert "s3cr3t-pw" not in str(settings)
+
+
+def test_safe_url_hides_a_password_with_an_unencoded_at_sign() -> None:
+    from fastapi_dbpool.settings import safe_url
+
+    shown = safe_url("postgresql://u:p@ss-word@h/db")
+    assert "ss-word" not in shown and "p@" not in shown
+    assert shown.endswith("@h/db")
