@@ -216,9 +216,9 @@ class DatabaseProbe:
         self._wake.set()
 
     async def _close(self) -> None:
-        conn, self._conn = self._conn, None
-        conns, self._target_conns = list(self._target_conns.values()), {}
-        for conn in (conn, *conns):
+        conns = [self._conn, *self._target_conns.values()]
+        self._conn, self._target_conns = None, {}
+        for conn in conns:
             if conn is not None and not conn.is_closed():
                 try:
                     await asyncio.wait_for(conn.close(), self.timeout)

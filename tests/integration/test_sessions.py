@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException
 from fastapi.responses import StreamingResponse
@@ -288,3 +289,38 @@ async def test_unknown_database_name_is_a_clear_error(database_url: str) -> None
     async with client_for(app) as client:
         with pytest.raises(dbpool.ConfigurationError, match="DATABASE_REPLICA_URL"):
             await client.get("/r")
+
+
+async def test_stream_releases_its_connection_when_the_client_disconnects(
+    database_url: str,
+) -> None:
+    from tests.helpers import wait_until
+    from tests.helpers.apps import serve
+
+    app = make_app(settings_for(database_url))
+    streaming = asyncio.Event()
+
+    @app.get("/export")
+    async def export(session: AsyncSession = Depends(get_session)) -> StreamingResponse:
+        async def rows() -> Any:
+            i = 0
+            while True:
+                i += 1
+                value = (await session.execute(text("SELECT CAST(:i AS int)"), {"i": i})).scalar()
+                streaming.set()
+                yield f"{value}\n" * 1000
+
+        return StreamingResponse(rows(), media_type="text/plain")
+
+    async with serve(app) as base_url:
+        async with (
+            httpx.AsyncClient(base_url=base_url) as client,
+            client.stream("GET", "/export") as response,
+        ):
+            async for _ in response.aiter_bytes():
+                break
+            assert streaming.is_set()
+            assert checked_out(app) == 1
+        # The client is gone: the stream stops and its connection goes back.
+        await wait_until(lambda: checked_out(app) == 0, 5)
+        assert dbpool.get_runtime(app).leaks.total() == 0
