@@ -146,12 +146,9 @@ async def test_connection_held_too_long_outside_requests(
         found = reports(app)
     assert [r.kind for r in found] == ["held_too_long"]
     assert found[0].route is None
+    planted = f"test_leaks.py:{line_of('PLANT-UNOWNED')}"
     assert (
-        found[0]
-        .stack[0]
-        .endswith(
-            f"test_leaks.py:{line_of('PLANT-UNOWNED')} in test_connection_held_too_long_outside_requests"
-        )
+        found[0].stack[0].endswith(f"{planted} in test_connection_held_too_long_outside_requests")
     )
     assert 0.25 <= reported_after < 2.0
 
@@ -252,7 +249,8 @@ async def test_no_false_positives_over_thousands_of_requests(database_url: str) 
     async def stream(session: AsyncSession = Depends(get_session)) -> StreamingResponse:
         async def rows() -> Any:
             for i in range(3):
-                yield f"{(await session.execute(text('SELECT CAST(:i AS int)'), {'i': i})).scalar()}\n"
+                result = await session.execute(text("SELECT CAST(:i AS int)"), {"i": i})
+                yield f"{result.scalar()}\n"
 
         return StreamingResponse(rows(), media_type="text/plain")
 
