@@ -293,11 +293,13 @@ async def test_no_false_positives_over_thousands_of_requests(database_url: str) 
             for round_ in range(60):
                 results = await asyncio.gather(*(client.get(p) for p in paths for _ in range(7)))
                 assert {r.status_code for r in results} <= {200, 409}, round_
+            runtime = dbpool.get_runtime(app)
+            # On a loaded machine some of the requests above may already count as slow.
+            slow_before = runtime.leaks.slow_holds.get("primary", 0)
             slow_response = await client.get("/slow")
             assert slow_response.status_code == 200
         assert checked_out(app) == 0
-        runtime = dbpool.get_runtime(app)
-        assert runtime.leaks.slow_holds.get("primary") == 1  # slow, not leaked
+        assert runtime.leaks.slow_holds.get("primary", 0) == slow_before + 1  # slow, not leaked
     # 60 rounds x 35 requests.
     assert runtime.leaks.total() == 0
 
