@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 EXTRAS := test,example,cli,otel
 SOURCES := fastapi_dbpool example_app tests
 
-.PHONY: venv run test lint fmt bench clean
+.PHONY: venv run test lint fmt bench clean promtool
 
 venv: $(STAMP)
 
@@ -18,10 +18,19 @@ $(STAMP): pyproject.toml | $(PYTHON)
 	$(PYTHON) -m pip install -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
+# promtool (Debian's prometheus package) checks the alerting rules in docs/prometheus.
+# Best effort: where it cannot be installed, those tests skip and say why.
+promtool:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1; } || \
+	  echo "promtool unavailable: the alert-rule tests will be skipped"
+
 run: venv
 	$(PYTHON) -m example_app
 
-test: venv
+test: venv promtool
 	$(VENV)/bin/ruff check $(SOURCES)
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest -q

@@ -143,7 +143,7 @@ def describe(header: dict[str, Any]) -> str:
     features = "\n".join(f"  {k}: {v}" for k, v in header["features"].items())
     return (
         f"fastapi_dbpool benchmarks, profile {header['profile']['name']}, "
-        f"{header['profile']['rounds']} rounds\n"
+        f"{header['profile']['rounds']} rounds, library at {machine['library_revision']}\n"
         f"machine: {machine['nproc']} CPUs ({machine['cpu']}), {machine['memory_gib']} GiB, "
         f"Python {machine['python']}, PostgreSQL {machine['postgresql']} "
         f"({header['database']}), load generator {header['load_generator']}\n"

@@ -67,6 +67,7 @@ class Profile:
     contention_checkouts: int
     timeline_seconds: float
     timeline_tasks: int
+    oneshot_tasks: int
     # 4. burst
     burst_requests: int
     burst_checkout_timeout: float
@@ -92,6 +93,7 @@ PROFILES: dict[str, Profile] = {
         contention_checkouts=3000,
         timeline_seconds=4.0,
         timeline_tasks=100,
+        oneshot_tasks=2000,
         burst_requests=10_000,
         burst_checkout_timeout=2.0,
         burst_hold=0.1,
@@ -103,7 +105,7 @@ PROFILES: dict[str, Profile] = {
         pool_size=10,
         max_overflow=10,
         items=10_000,
-        http_duration=1.5,
+        http_duration=2.0,
         http_warmup=0.5,
         http_concurrency=(32, 256),
         inproc_requests=400,
@@ -113,6 +115,7 @@ PROFILES: dict[str, Profile] = {
         contention_checkouts=1200,
         timeline_seconds=1.5,
         timeline_tasks=100,
+        oneshot_tasks=1000,
         burst_requests=2000,
         burst_checkout_timeout=1.0,
         burst_hold=0.1,
@@ -125,7 +128,7 @@ PROFILES: dict[str, Profile] = {
         max_overflow=2,
         items=100,
         http_duration=0.3,
-        http_warmup=0.1,
+        http_warmup=0.0,
         http_concurrency=(4,),
         inproc_requests=10,
         inproc_concurrency=2,
@@ -134,6 +137,7 @@ PROFILES: dict[str, Profile] = {
         contention_checkouts=40,
         timeline_seconds=0.3,
         timeline_tasks=10,
+        oneshot_tasks=20,
         burst_requests=60,
         burst_checkout_timeout=0.3,
         burst_hold=0.05,
@@ -184,13 +188,14 @@ class Spread:
             return f"{self.median:.2f}x"
         return f"{self.median:.2f}x ({self.low:.2f}-{self.high:.2f})"
 
-    def delta_text(self, unit: str = "") -> str:
-        """``+12 (+8..+15)`` for differences."""
+    def delta_text(self, unit: str = "", digits: int = 0) -> str:
+        """``+12 us (+8..+15)`` for differences."""
         if not math.isfinite(self.median):
             return "-"
+        d = digits
         if self.low == self.high:
-            return f"{self.median:+.0f}{unit}"
-        return f"{self.median:+.0f}{unit} ({self.low:+.0f}..{self.high:+.0f})"
+            return f"{self.median:+.{d}f}{unit}"
+        return f"{self.median:+.{d}f}{unit} ({self.low:+.{d}f}..{self.high:+.{d}f})"
 
 
 def ratios(values: Sequence[float], reference: Sequence[float]) -> Spread:
@@ -523,6 +528,7 @@ def machine_info() -> dict[str, Any]:
     except (OSError, StopIteration, ValueError):
         mem_kib = 0
     return {
+        "library_revision": _revision(),
         "nproc": os.cpu_count(),
         "cpu": cpu,
         "memory_gib": round(mem_kib / 2**20, 1),
@@ -532,6 +538,30 @@ def machine_info() -> dict[str, Any]:
         "packages": packages,
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
+
+
+def _revision() -> str:
+    """The library's git commit, and whether its files differ from it."""
+    import subprocess
+
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "fastapi_dbpool"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{head} + uncommitted changes" if dirty else head
 
 
 # -- running ASGI apps in process ---------------------------------------------------------

@@ -199,9 +199,10 @@ def run(ctx: BenchContext) -> Report:
     ctx.log(f"http: starting {len(VARIANTS)} uvicorn servers")
     with servers(list(VARIANTS), config) as running:
         instrumented = _http_metrics_served(running["dbpool_instr"].port)
-        for variant, server in running.items():
-            for route in ROUTES.values():
-                load(ctx, server, route, max(profile.http_concurrency), profile.http_warmup)
+        if profile.http_warmup > 0:
+            for server in running.values():
+                for route in ROUTES.values():
+                    load(ctx, server, route, max(profile.http_concurrency), profile.http_warmup)
         for round_index in range(ctx.rounds):
             for route, concurrency in cases:
                 for variant in rotated(list(VARIANTS), round_index):

@@ -174,7 +174,7 @@ async def _generate(
                 await reader.readexactly(length)
                 if time.perf_counter() <= deadline:
                     latencies.append(time.perf_counter() - t0)
-                    if not head[9:10] == b"2":
+                    if head[9:10] != b"2":
                         non_2xx += 1
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             errors += 1
@@ -210,13 +210,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-c", "--connections", type=int, default=32)
     parser.add_argument("-d", "--duration", type=float, default=2.0)
     args = parser.parse_args(argv)
+    coro = _generate(args.port, args.path, args.connections, args.duration, args.max_id)
     try:
         import uvloop
-
-        runner = uvloop.run
     except ImportError:
-        runner = asyncio.run
-    result = runner(_generate(args.port, args.path, args.connections, args.duration, args.max_id))
+        result = asyncio.run(coro)
+    else:
+        result = uvloop.run(coro)
     print(json.dumps(asdict(result)))
 
 

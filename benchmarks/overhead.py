@@ -83,6 +83,16 @@ async def measure(
     )
 
 
+def path_of(route: str, items: int, offset: int) -> Callable[[int], str]:
+    """The path of request ``i`` of a batch: item ids differ from batch to batch."""
+    make = ROUTES[route]
+
+    def path(i: int) -> str:
+        return make(i + offset, items)
+
+    return path
+
+
 async def compare(
     ctx: BenchContext,
     apps: dict[str, Any],
@@ -102,19 +112,15 @@ async def compare(
         }
         warmup = max(20, requests // 10)
         for route in routes:
-            for name, client in clients.items():
-                await measure(
-                    client,
-                    lambda i, r=route: ROUTES[r](i, items),
-                    warmup,
-                    profile.inproc_concurrency,
-                )
+            for client in clients.values():
+                await measure(client, path_of(route, items, 0), warmup, profile.inproc_concurrency)
         for round_index in range(ctx.rounds):
+            offset = round_index * requests
             for route in routes:
                 for name in rotated(list(apps), round_index):
                     batch = await measure(
                         clients[name],
-                        lambda i, r=route: ROUTES[r](i + round_index * requests, items),
+                        path_of(route, items, offset),
                         requests,
                         profile.inproc_concurrency,
                     )
@@ -132,8 +138,7 @@ def run(ctx: BenchContext) -> Report:
     async def main() -> dict[str, dict[str, list[Batch]]]:
         async with AsyncExitStack() as stack:
             apps = {
-                v: await stack.enter_async_context(running(build_app(v, config)))
-                for v in VARIANTS
+                v: await stack.enter_async_context(running(build_app(v, config))) for v in VARIANTS
             }
             return await compare(ctx, apps, list(ROUTES), profile.inproc_requests)
 

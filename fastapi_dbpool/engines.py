@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import sqlalchemy.ext.asyncio
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, ExceptionContext
 from sqlalchemy.exc import DisconnectionError
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
 from sqlalchemy.util import await_
 
@@ -33,6 +34,7 @@ from .leaks import USED_AFTER_REQUEST, Checkout, LeakTracker, capture_stack
 from .pool import InstrumentedQueuePool, PoolStats, attach
 from .settings import DBPoolSettings, safe_url
 from .sizing import BudgetError, PoolBudget, ServerLimits, plan_pool
+from .telemetry import CLIENT_DEADLINE, LOCK_TIMEOUT, STATEMENT_TIMEOUT
 
 logger = logging.getLogger("fastapi_dbpool")
 
@@ -99,7 +101,9 @@ class Database:
                 name, url, settings.failover(), connect_args(settings)
             )
             extra["async_creator"] = self.failover
-        self.engine: AsyncEngine = create_async_engine(
+        # Looked up at call time: opentelemetry-instrumentation-sqlalchemy wraps the module's
+        # function when it is turned on, which may be after this module was imported.
+        self.engine: AsyncEngine = sqlalchemy.ext.asyncio.create_async_engine(
             url,
             pool_size=budget.pool_size,
             max_overflow=budget.max_overflow,
@@ -119,6 +123,8 @@ class Database:
             self.engine, class_=session_class, expire_on_commit=False
         )
         self._install_pool_events()
+        if self.failover is not None:
+            self.failover.attach(self.engine.sync_engine)
 
     @property
     def pool(self) -> QueuePool:
@@ -252,6 +258,9 @@ class Database:
             checkout = checked_out.pop(id(record), None)
             if checkout is not None:
                 use_time.observe(now - checkout.started)
+                otel = self.stats.otel
+                if otel is not None:
+                    otel.checked_in(now - checkout.started)
                 if checkout.reported is not None and self.leaks is not None:
                     self.leaks.returned(self, checkout, now)
             if record.info.pop(_CLIENT_TIMEOUT_CHANGED, False) and dbapi_connection is not None:
@@ -265,6 +274,7 @@ class Database:
         breaker = self.breaker
 
         last_loss = [float("-inf")]
+        failover = self.failover
 
         def on_error(context: ExceptionContext) -> None:
             original = context.original_exception
@@ -279,15 +289,25 @@ class Database:
                 # A client-side deadline (TimeoutError) is per-connection evidence that
                 # the server stopped answering, so each of those counts.
                 opened = _opened_at(context)
-                if isinstance(original, TimeoutError) or opened is None or opened > last_loss[0]:
+                if failover is not None and failover.failed_on_left_target(context):
+                    # A connection to a target failover has left: no news of the active one.
+                    pass
+                elif isinstance(original, TimeoutError) or opened is None or opened > last_loss[0]:
                     last_loss[0] = monotonic()
                     breaker.record_failure()
-            if isinstance(original, asyncpg.exceptions.QueryCanceledError) and (
-                "statement timeout" in str(original)
-            ):
+            # SQLAlchemy hands us its adapted DBAPI error, not asyncpg's; both carry the
+            # SQLSTATE. 57014 is also a user's pg_cancel_backend(): the text tells them apart.
+            sqlstate = getattr(original, "sqlstate", None)
+            if sqlstate == "57014" and "statement timeout" in str(original):
                 stats.statement_timeouts += 1
+                if stats.otel is not None:
+                    stats.otel.deadline(STATEMENT_TIMEOUT, None)
+            elif sqlstate == "55P03" and stats.otel is not None and "lock timeout" in str(original):
+                stats.otel.deadline(LOCK_TIMEOUT, None)
             if isinstance(original, TimeoutError):
                 stats.statement_timeouts += 1
+                if stats.otel is not None:
+                    stats.otel.deadline(CLIENT_DEADLINE, client_deadline)
                 # Only this connection is suspect; keep the rest of the pool. Abort its
                 # socket now: a graceful close would wait on a server that does not answer.
                 context.invalidate_pool_on_disconnect = False
@@ -439,6 +459,15 @@ def decide_budget(name: str, settings: DBPoolSettings, server: ServerInfo | None
         raise ConfigurationError(f"{name} database: {exc}") from None
 
 
+async def _read_first_alternate(settings: DBPoolSettings) -> ServerInfo | None:
+    for url in settings.failover():
+        try:
+            return await read_server(url, settings, "primary")
+        except DatabaseUnavailableError:
+            continue
+    return None
+
+
 async def build_databases(
     settings: DBPoolSettings, session_class: type[Any]
 ) -> Mapping[str, Database]:
@@ -461,6 +490,9 @@ async def build_databases(
             except DatabaseUnavailableError as exc:
                 logger.warning("%s database: %s", name, exc, extra={"database": name})
                 server = None
+                if name == "primary":
+                    # New connections will go to an alternate: size the pool from it.
+                    server = await _read_first_alternate(settings)
             budget = decide_budget(name, settings, server)
             if budget.warning:
                 logger.warning(

@@ -32,9 +32,9 @@ from typing import Any
 
 import asyncpg
 from sqlalchemy import event
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, Engine, ExceptionContext
 from sqlalchemy.exc import DisconnectionError
-from sqlalchemy.pool import ConnectionPoolEntry, Pool, PoolProxiedConnection
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
 from .breaker import is_connection_failure
 from .settings import safe_url
@@ -74,10 +74,28 @@ def error_label(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+#: SQLSTATEs that do not make a target unusable for failover: a full server
+#: (too_many_connections) is up, and our own probe connection would keep saying so, so
+#: failing over on it would flap at every probe interval. The breaker still counts it.
+_NOT_AN_OUTAGE = frozenset({"53300"})
+
+
 def _is_outage(exc: BaseException) -> bool:
-    # Unreachable, shutting down, full, or read-only: move on. Anything else (a wrong
-    # password, a missing database) is a configuration error and is raised as it is.
+    # Unreachable, shutting down or starting, or read-only: move on. Anything else (a wrong
+    # password, a missing database, a full server) is raised as it is.
+    if getattr(exc, "sqlstate", None) in _NOT_AN_OUTAGE:
+        return False
     return is_connection_failure(exc) or error_label(exc) == READ_ONLY
+
+
+def _driver_of(context: ExceptionContext) -> Any:
+    conn = context.connection
+    if conn is None or conn.invalidated:
+        return None
+    try:
+        return conn.connection.driver_connection
+    except Exception:  # closed or detached meanwhile: nothing to learn from it
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +166,9 @@ class FailoverConnector:
         recycled: Pooled connections replaced at checkout because their target was left.
         dropped: Idle pooled connections closed when their target was left.
         last_transition: The most recent failover or restoration, if any.
+        verify: Called when a pooled connection to the active target fails at the
+            connection level, to have the targets checked now rather than at the next
+            probe interval (the probe sets it to its ``wake``).
     """
 
     def __init__(
@@ -169,12 +190,14 @@ class FailoverConnector:
         self.recycled = 0
         self.dropped = 0
         self.last_transition: Transition | None = None
+        self.verify: Callable[[], None] | None = None
         self._targets = [_Target(url) for url in self.targets]
         # Which target each pooled connection went to, and which are checked out; weak,
         # so a connection the pool dropped is forgotten with it.
         self._target_of: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
         self._in_use: weakref.WeakSet[Any] = weakref.WeakSet()
         self._pool_attached = False
+        self._verify_pending = False
 
     # ------------------------------------------------------------------ connecting
 
@@ -254,12 +277,14 @@ class FailoverConnector:
         if len(checks) != len(self._targets):
             raise ValueError(f"expected {len(self._targets)} checks, got {len(checks)}")
         now = self.clock()
+        self._verify_pending = False
         for index, (target, check) in enumerate(zip(self._targets, checks, strict=True)):
             was = target.healthy
             target.healthy, target.error = check.ok, check.error
             target.latency, target.checked_at = check.latency, now
-            if index != self.active and was is not None and was != check.ok:
-                # The active target's changes are told by the transition they cause.
+            if index not in (0, self.active) and was is not None and was != check.ok:
+                # The primary's and the active target's changes are told by the failover
+                # or restoration they cause (or, when none is possible, by the probe).
                 if check.ok:
                     logger.info(
                         _TARGET_UP,
@@ -333,8 +358,9 @@ class FailoverConnector:
 
     # ------------------------------------------------------------------ the pool
 
-    def attach(self, pool: Pool) -> None:
-        """Recycle the pool's connections to targets that are no longer active.
+    def attach(self, engine: Engine) -> None:
+        """Watch the primary engine: recycle connections to targets no longer active, and
+        have the targets checked at once when the active one fails under a request.
 
         At checkout, a connection to a target we moved away from is replaced (SQLAlchemy
         reconnects when a checkout listener raises ``DisconnectionError``) before anything
@@ -344,16 +370,38 @@ class FailoverConnector:
         replaced at their next checkout, so requests in flight are not failed.
 
         Args:
-            pool: The primary engine's pool (events carry over to recreated pools).
+            engine: The primary's (sync) engine; pool events carry over to a recreated
+                pool.
         """
         if self._pool_attached:
             return
         self._pool_attached = True
-        # First among checkout listeners: a stale connection must not be pinged (a
-        # black-holed server would hold the ping until its deadline).
+        pool = engine.pool
+        # First among the listeners: a stale connection must not be pinged (a black-holed
+        # server would hold the ping until its deadline), and a listener that raises (the
+        # deadline translation) must not hide an error from us.
         event.listen(pool, "checkout", self._on_checkout, insert=True)
         event.listen(pool, "checkin", self._on_checkin)
         event.listen(pool, "close", self._on_checkin)
+        event.listen(engine, "handle_error", self._on_error, insert=True)
+
+    @property
+    def attached(self) -> bool:
+        """Whether :meth:`attach` watches the engine (recycling needs it)."""
+        return self._pool_attached
+
+    def _on_error(self, context: ExceptionContext) -> None:
+        if self.verify is None:
+            return
+        if not (context.is_disconnect or _is_outage(context.original_exception)):
+            return
+        driver = _driver_of(context)
+        index = None if driver is None else self._target_of.get(driver)
+        if (index is None or index == self.active) and not self._verify_pending:
+            # Perhaps a demotion (25006) or an outage: the probe tells which, at once. One
+            # early check per probe result, however many requests fail meanwhile.
+            self._verify_pending = True
+            self.verify()
 
     def _on_checkout(
         self, dbapi_connection: Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
@@ -380,14 +428,25 @@ class FailoverConnector:
                 conn.terminate()
                 self.dropped += 1
 
-    def is_stale(self, dbapi_connection: Any) -> bool:
+    def is_stale(self, connection: Any) -> bool:
         """Whether a pooled connection goes to a target new connections no longer use.
 
-        Failures on such a connection say nothing about the active target.
+        Args:
+            connection: The asyncpg connection, or a wrapper with ``driver_connection``
+                (SQLAlchemy's pooled connection or its DBAPI adapter).
         """
-        driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
-        index = self._target_of.get(driver)
+        driver = getattr(connection, "driver_connection", connection)
+        index = None if driver is None else self._target_of.get(driver)
         return index is not None and index != self.active
+
+    def failed_on_left_target(self, context: ExceptionContext) -> bool:
+        """Whether an engine error happened on a connection to a target already left.
+
+        Such a failure says nothing about the active target, so the circuit breaker
+        should not count it (e.g. statements stuck on a black-holed old primary that
+        time out after the failover).
+        """
+        return self.is_stale(_driver_of(context))
 
     # ------------------------------------------------------------------ reporting
 
@@ -419,6 +478,9 @@ class FailoverConnector:
                     "healthy": t.healthy,
                     "error": t.error,
                     "latency_ms": None if t.latency is None else round(t.latency * 1000, 3),
+                    "checked_seconds_ago": None
+                    if t.checked_at is None
+                    else round(now - t.checked_at, 3),
                     "connections_opened": t.connections,
                     "connect_failures": t.connect_failures,
                 }

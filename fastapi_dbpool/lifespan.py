@@ -33,7 +33,8 @@ async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
     """The fastapi_dbpool lifespan: ``FastAPI(lifespan=dbpool.lifespan)``.
 
     Reads the settings (from ``dbpool.install(app, settings=...)`` or the environment),
-    sizes and builds the engines, and disposes them at shutdown after requests in flight
+    sizes and builds the engines, reports their pools on ``/metrics`` (in the registry
+    DBPoolMiddleware was given), and disposes them at shutdown after requests in flight
     have drained.
 
     Raises:

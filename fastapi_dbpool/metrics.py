@@ -7,8 +7,8 @@ checkout pays nothing for Prometheus: the numbers are the plain integers and his
 
 Several worker processes (``PROMETHEUS_MULTIPROC_DIR`` set, e.g. gunicorn with uvicorn
 workers): a custom collector only sees its own process, so each worker copies the same
-numbers into prometheus_client's multiprocess metrics every ``DB_METRICS_SYNC_INTERVAL``
-seconds (and the worker serving a scrape just before it), and ``/metrics`` serves the
+numbers into prometheus_client's multiprocess metrics every :data:`SYNC_INTERVAL` seconds
+(and the worker serving a scrape just before it), and ``/metrics`` serves the
 ``MultiProcessCollector`` of the whole directory: any worker reports the whole pod.
 
 The HTTP metrics are prometheus-fastapi-instrumentator's, brought by DBPoolMiddleware
@@ -46,6 +46,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .breaker import BreakerState
 from .context import STATE_KEY
 from .errors import ConfigurationError, NotInstalledError
+from .leaks import LEAK_KINDS, LeakTracker
 from .pool import USE_BUCKETS, WAIT_BUCKETS
 from .runtime import DBPoolRuntime
 
@@ -64,6 +65,7 @@ CHECKOUT_WAIT = "dbpool_checkout_wait_seconds"
 CHECKOUT_TIMEOUTS = "dbpool_checkout_timeouts_total"
 STATEMENT_TIMEOUTS = "dbpool_statement_timeouts_total"
 LEAKS = "dbpool_leaks_total"
+LEAKS_RECLAIMED = "dbpool_leaks_reclaimed_total"
 BREAKER_STATE = "dbpool_circuit_breaker_state"
 BREAKER_TRANSITIONS = "dbpool_circuit_breaker_transitions_total"
 BREAKER_REJECTIONS = "dbpool_circuit_breaker_rejections_total"
@@ -103,6 +105,7 @@ HELP: dict[str, str] = {
     CHECKOUT_TIMEOUTS: "Checkouts that gave up after DB_CHECKOUT_TIMEOUT (answered 503).",
     STATEMENT_TIMEOUTS: "Statements cancelled by their timeout (answered 504).",
     LEAKS: "Sessions or connections reported as leaked, by kind.",
+    LEAKS_RECLAIMED: "Leaked connections taken back from their holder (DB_LEAK_RECLAIM_AFTER).",
     BREAKER_STATE: "1 for the circuit breaker's current state, 0 for the others.",
     BREAKER_TRANSITIONS: "Circuit breaker state changes.",
     BREAKER_REJECTIONS: "Calls the circuit breaker refused without trying the database.",
@@ -118,6 +121,11 @@ _REGISTRY_ATTR = "fastapi_dbpool_registry"
 EXPORTER_STATE_KEY = "fastapi_dbpool.metrics"
 
 _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+#: Multiprocess mode: seconds between two copies of a worker's pool numbers into the
+#: shared files. Another worker's scrape sees them at most this old; a scrape every
+#: 15-60 s never notices, and the copy costs ~60 µs per database.
+SYNC_INTERVAL = 1.0
 
 # -- reading the numbers ------------------------------------------------------------------
 
@@ -153,6 +161,7 @@ class _Reading:
     connect_failures: int = 0
     rejections: int = 0
     leaks: dict[str, float] = field(default_factory=dict)
+    reclaimed: int = 0
     moves: dict[tuple[str, str], int] = field(default_factory=dict)
     breaker: set[str] = field(default_factory=set)
     probe_up: int | None = None
@@ -170,6 +179,7 @@ class _Reading:
         self.rejections += other.rejections
         for kind, n in other.leaks.items():
             self.leaks[kind] = self.leaks.get(kind, 0) + n
+        self.reclaimed += other.reclaimed
         for move, n in other.moves.items():
             self.moves[move] = self.moves.get(move, 0) + n
         # Several pools under one name: every state some breaker is in reads 1.
@@ -193,6 +203,7 @@ def _read(db: Database, probe: DatabaseProbe | None) -> _Reading:
     moves = dict.fromkeys(BREAKER_MOVES, 0)
     moves.update(dict(breaker.transitions))
     ok = None if probe is None else probe.result.ok
+    tracker = getattr(db, "leaks", None)
     return _Reading(
         idle=status["idle"],
         used=status["checked_out"],
@@ -202,7 +213,8 @@ def _read(db: Database, probe: DatabaseProbe | None) -> _Reading:
         statement_timeouts=stats.statement_timeouts,
         connect_failures=stats.connect_failures,
         rejections=breaker.rejected,
-        leaks=_leak_counts(db),
+        leaks=_leak_counts(db.name, tracker),
+        reclaimed=tracker.reclaimed.get(db.name, 0) if isinstance(tracker, LeakTracker) else 0,
         moves=moves,
         breaker={breaker.state.value},
         probe_up=None if ok is None else int(ok),
@@ -214,17 +226,15 @@ def _read(db: Database, probe: DatabaseProbe | None) -> _Reading:
     )
 
 
-def _leak_counts(db: Database) -> dict[str, float]:
-    # The leak tracker's counts by kind, when the database has one; anything else reads
-    # as "no leaks counted" rather than breaking the scrape.
-    leaks = getattr(db, "leaks", None)
-    if not isinstance(leaks, Mapping):
+def _leak_counts(name: str, tracker: object) -> dict[str, float]:
+    # Every kind from the start, at 0, so that the first leak shows as an increase.
+    if not isinstance(tracker, LeakTracker):
         return {}
-    return {
-        str(kind): float(n)
-        for kind, n in dict(leaks).items()
-        if isinstance(n, int | float) and not isinstance(n, bool)
-    }
+    counts = dict.fromkeys(LEAK_KINDS, 0.0)
+    for (database, kind), n in dict(tracker.counts).items():
+        if database == name:
+            counts[kind] = counts.get(kind, 0.0) + n
+    return counts
 
 
 def _read_all(runtimes: list[DBPoolRuntime]) -> dict[str, _Reading]:
@@ -254,6 +264,7 @@ def _render(readings: Mapping[str, _Reading]) -> list[Metric]:
         STATEMENT_TIMEOUTS, HELP[STATEMENT_TIMEOUTS], labels=[DATABASE]
     )
     leaks = CounterMetricFamily(LEAKS, HELP[LEAKS], labels=[DATABASE, KIND])
+    reclaimed = CounterMetricFamily(LEAKS_RECLAIMED, HELP[LEAKS_RECLAIMED], labels=[DATABASE])
     breaker = GaugeMetricFamily(BREAKER_STATE, HELP[BREAKER_STATE], labels=[DATABASE, STATE])
     moves = CounterMetricFamily(
         BREAKER_TRANSITIONS, HELP[BREAKER_TRANSITIONS], labels=[DATABASE, FROM, TO]
@@ -277,6 +288,7 @@ def _render(readings: Mapping[str, _Reading]) -> list[Metric]:
         statement_timeouts.add_metric([name], r.statement_timeouts)
         for kind, n in sorted(r.leaks.items()):
             leaks.add_metric([name, kind], n)
+        reclaimed.add_metric([name], r.reclaimed)
         for state in BREAKER_STATES:
             breaker.add_metric([name, state], 1 if state in r.breaker else 0)
         for (old, new), n in sorted(r.moves.items()):
@@ -294,6 +306,7 @@ def _render(readings: Mapping[str, _Reading]) -> list[Metric]:
         statement_timeouts,
         leaks,
         breaker,
+        reclaimed,
         moves,
         rejections,
         connect_failures,
@@ -426,6 +439,7 @@ class _ProcessMirror:
         self.checkout_timeouts = counter(CHECKOUT_TIMEOUTS, [DATABASE])
         self.statement_timeouts = counter(STATEMENT_TIMEOUTS, [DATABASE])
         self.leaks = counter(LEAKS, [DATABASE, KIND])
+        self.reclaimed = counter(LEAKS_RECLAIMED, [DATABASE])
         self.moves = counter(BREAKER_TRANSITIONS, [DATABASE, FROM, TO])
         self.rejections = counter(BREAKER_REJECTIONS, [DATABASE])
         self.connect_failures = counter(CONNECT_FAILURES, [DATABASE])
@@ -472,6 +486,7 @@ class _ProcessMirror:
         grow(self.checkout_timeouts, (name,), now.checkout_timeouts, was.checkout_timeouts)
         grow(self.statement_timeouts, (name,), now.statement_timeouts, was.statement_timeouts)
         grow(self.rejections, (name,), now.rejections, was.rejections)
+        grow(self.reclaimed, (name,), now.reclaimed, was.reclaimed)
         grow(self.connect_failures, (name,), now.connect_failures, was.connect_failures)
         for kind, n in now.leaks.items():
             grow(self.leaks, (name, kind), n, was.leaks.get(kind, 0))
@@ -546,9 +561,15 @@ class MetricsExporter:
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
-    def start(cls, runtime: DBPoolRuntime, registry: CollectorRegistry) -> MetricsExporter:
+    def start(
+        cls,
+        runtime: DBPoolRuntime,
+        registry: CollectorRegistry,
+        *,
+        sync_interval: float = SYNC_INTERVAL,
+    ) -> MetricsExporter:
         """Attach ``runtime`` to ``registry``'s collector, or in multiprocess mode to this
-        worker's mirror, synced now and every ``DB_METRICS_SYNC_INTERVAL`` seconds.
+        worker's mirror, synced now and every ``sync_interval`` seconds.
 
         Raises:
             ConfigurationError: The registry or ``PROMETHEUS_MULTIPROC_DIR`` cannot be used.
@@ -561,7 +582,7 @@ class MetricsExporter:
         mirror.attach(runtime)
         mirror.sync()
         exporter._task = asyncio.get_running_loop().create_task(
-            _sync_every(mirror, runtime.settings.metrics_sync_interval),
+            _sync_every(mirror, sync_interval),
             name="fastapi_dbpool.metrics.sync",
         )
         return exporter

@@ -3,14 +3,16 @@
 Counters and histograms here are plain integers and lists updated on the hot path (an
 increment and a bisect, no lock: the pool lives on one event loop). Prometheus and
 OpenTelemetry read them at scrape/collection time, so a checkout never pays for an
-exporter, and two apps in one process never share a number.
+exporter, and two apps in one process never share a number. Only OpenTelemetry's
+duration histograms (and checkout spans) need a call per observation: ``stats.otel``,
+None unless OpenTelemetry is on (see ``telemetry.py``).
 """
 
 from __future__ import annotations
 
 import bisect
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, PoolProxiedConnection
@@ -18,6 +20,9 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, PoolProx
 from .breaker import CircuitBreaker, is_connection_failure
 from .context import current_request
 from .errors import CheckoutTimeoutError
+
+if TYPE_CHECKING:
+    from .telemetry import PoolTelemetry
 
 #: Bucket upper bounds (seconds) of the checkout-wait and connection-time histograms.
 WAIT_BUCKETS: tuple[float, ...] = (
@@ -90,6 +95,7 @@ class PoolStats:
         "checkouts",
         "connect_failures",
         "create_time",
+        "otel",
         "statement_timeouts",
         "use_time",
         "wait_time",
@@ -105,6 +111,8 @@ class PoolStats:
         self.wait_time = Histogram(WAIT_BUCKETS)
         self.create_time = Histogram(WAIT_BUCKETS)
         self.use_time = Histogram(USE_BUCKETS)
+        #: OpenTelemetry's hooks while it is on; None (one attribute check) when off.
+        self.otel: PoolTelemetry | None = None
 
 
 class InstrumentedQueuePool(AsyncAdaptedQueuePool):
@@ -125,14 +133,19 @@ class InstrumentedQueuePool(AsyncAdaptedQueuePool):
             conn = super().connect()
         except sa_exc.TimeoutError:
             stats.checkout_timeouts += 1
-            raise CheckoutTimeoutError(
+            error = CheckoutTimeoutError(
                 f"no connection of the {self.dbpool_breaker.name} pool became free within "
                 f"{self._timeout:g}s (pool_size={self.size()}, "
                 f"max_overflow={self._max_overflow})",
                 database=self.dbpool_breaker.name,
                 retry_after=self._timeout,
-            ) from None
+            )
+            if stats.otel is not None:
+                stats.otel.checkout_failed(time.perf_counter() - started, error)
+            raise error from None
         except Exception as exc:
+            if stats.otel is not None:
+                stats.otel.checkout_failed(time.perf_counter() - started, exc)
             # Opening (or reopening) a connection failed: SQLAlchemy's handle_error never
             # sees these (they are not DBAPI errors), so the breaker learns of them here.
             if is_connection_failure(exc):
@@ -145,13 +158,20 @@ class InstrumentedQueuePool(AsyncAdaptedQueuePool):
         finally:
             stats.waiting -= 1
         stats.checkouts += 1
-        stats.wait_time.observe(time.perf_counter() - started)
+        wait = time.perf_counter() - started
+        stats.wait_time.observe(wait)
+        if stats.otel is not None:
+            stats.otel.checked_out(wait)
         return conn
 
     def _create_connection(self) -> ConnectionPoolEntry:
         started = time.perf_counter()
         entry = super()._create_connection()
-        self.dbpool_stats.create_time.observe(time.perf_counter() - started)
+        took = time.perf_counter() - started
+        stats = self.dbpool_stats
+        stats.create_time.observe(took)
+        if stats.otel is not None:
+            stats.otel.connection_created(took)
         return entry
 
     def recreate(self) -> InstrumentedQueuePool:

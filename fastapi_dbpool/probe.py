@@ -82,6 +82,9 @@ class DatabaseProbe:
         self._target_conns: dict[int, Any] = {}
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        if db.failover is not None:
+            # A failure under a request on the active target: check every target now.
+            db.failover.verify = self.wake
 
     def start(self) -> None:
         """Start probing in the background."""
@@ -206,8 +209,9 @@ class DatabaseProbe:
 
     async def _run(self) -> None:
         while True:
-            await self.check()
+            # Cleared before the check: a wake() that arrives during it asks for another.
             self._wake.clear()
+            await self.check()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.next_wait())
 

@@ -24,6 +24,8 @@ _CONNECTION_LOST = (
     asyncpg.exceptions.TooManyConnectionsError,
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.CrashShutdownError,
+    # A write reached a demoted primary after failover: retry once connections move.
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
     # The driver lost track of the protocol: the connection is broken, not the request.
     asyncpg.exceptions.InternalClientError,
 )

@@ -22,6 +22,7 @@ from .probe import DatabaseProbe
 from .requests import unknown_database
 from .sessions import RequestSession
 from .settings import DBPoolSettings
+from .telemetry import Telemetry, from_settings
 
 logger = logging.getLogger("fastapi_dbpool")
 
@@ -51,6 +52,8 @@ class DBPoolRuntime:
         for db in self.databases.values():
             db.leaks = self.leaks
         self._leak_scan: asyncio.Task[None] | None = None
+        #: OpenTelemetry, when on (decided once, in :meth:`start`); None when off.
+        self.telemetry: Telemetry | None = None
         timeout = min(settings.connect_timeout, settings.health_check_interval)
         self.probes = {
             name: DatabaseProbe(db, interval=settings.health_check_interval, timeout=timeout)
@@ -66,6 +69,9 @@ class DBPoolRuntime:
         """
         databases = await build_databases(settings, RequestSession)
         runtime = cls(settings, databases)
+        telemetry = from_settings(settings)
+        if telemetry is not None:
+            telemetry.attach(runtime)
         # The first probe runs before the app takes traffic, so readiness is truthful
         # from the first request on.
         await asyncio.gather(*(probe.check() for probe in runtime.probes.values()))
@@ -104,6 +110,8 @@ class DBPoolRuntime:
         breaker = db.breaker
         if breaker.is_closed or breaker.allow():
             return
+        if self.telemetry is not None:
+            self.telemetry.rejected(db)
         raise CircuitOpenError(
             f"the {db.name} database is unavailable (circuit breaker {breaker.state.value})",
             database=db.name,
@@ -151,4 +159,6 @@ class DBPoolRuntime:
                 await self._leak_scan
         for db in self.databases.values():
             await db.dispose()
+        if self.telemetry is not None:
+            self.telemetry.detach()
         logger.info("engines disposed: %s", ", ".join(self.databases))

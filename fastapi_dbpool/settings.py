@@ -299,15 +299,15 @@ class DBPoolSettings:
     )
     """Seconds requests in flight may take to finish once shutdown has begun."""
 
+    otel: str = _setting(
+        "auto", "DB_OTEL", lambda t: t.strip().lower(), "OpenTelemetry: auto, on or off"
+    )
+    """OpenTelemetry metrics and spans: ``auto`` (on when an SDK's global MeterProvider or
+    TracerProvider is configured at startup), ``on`` (always, through the global providers)
+    or ``off``. See docs/opentelemetry.md."""
+
     http_metrics: bool = _setting(True, "DB_HTTP_METRICS", _parse_bool, "instrumentator on")
     """Expose prometheus-fastapi-instrumentator's HTTP metrics on ``/metrics``."""
-
-    metrics_sync_interval: float = _setting(
-        1.0, "DB_METRICS_SYNC_INTERVAL", float, "seconds between multiprocess metric writes"
-    )
-    """Under ``PROMETHEUS_MULTIPROC_DIR`` (several workers per pod): seconds between two
-    copies of this worker's pool numbers into the shared metric files. A scrape served by
-    another worker sees this worker's numbers at most this old."""
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -393,6 +393,8 @@ def _validate(s: DBPoolSettings) -> None:
         raise _fail("max_overflow", s.max_overflow, "must be a whole number of at least 0")
     if not isinstance(s.shutdown_delay, int | float) or not 0 <= s.shutdown_delay < math.inf:
         raise _fail("shutdown_delay", s.shutdown_delay, "must be a number of seconds, 0 or more")
+    if s.otel not in ("auto", "on", "off"):
+        raise _fail("otel", s.otel, "must be auto, on or off")
     if s.circuit_failure_threshold < 1:
         raise _fail("circuit_failure_threshold", s.circuit_failure_threshold, "must be at least 1")
     for name in (
@@ -409,7 +411,6 @@ def _validate(s: DBPoolSettings) -> None:
         "circuit_recovery_timeout",
         "health_check_interval",
         "drain_timeout",
-        "metrics_sync_interval",
     ):
         value = getattr(s, name)
         if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:

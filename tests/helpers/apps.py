@@ -12,6 +12,7 @@ import httpx
 import uvicorn
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
 
 import fastapi_dbpool as dbpool
 
@@ -29,10 +30,15 @@ def settings_for(database_url: str, **overrides: Any) -> dbpool.DBPoolSettings:
     return dbpool.DBPoolSettings(**values)
 
 
-def make_app(settings: dbpool.DBPoolSettings, **fastapi_kwargs: Any) -> FastAPI:
-    """A FastAPI app wired with ``dbpool.install``."""
+def make_app(
+    settings: dbpool.DBPoolSettings,
+    *,
+    registry: CollectorRegistry | None = None,
+    **fastapi_kwargs: Any,
+) -> FastAPI:
+    """A FastAPI app wired with ``dbpool.install``, with its own metrics registry."""
     app = FastAPI(**fastapi_kwargs)
-    dbpool.install(app, settings=settings)
+    dbpool.install(app, settings=settings, registry=registry or CollectorRegistry())
     return app
 
 

@@ -14,7 +14,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_fastapi_instrumentator import Instrumentator
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 import fastapi_dbpool as dbpool
 from fastapi_dbpool import get_session
@@ -61,6 +61,19 @@ def metric(exposition: str, name: str, **labels: str) -> float | None:
         if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
     ]
     return sum(found) if found else None
+
+
+def duplicate_series(exposition: str) -> list[str]:
+    """Series the text gives twice (Prometheus rejects such a scrape)."""
+    seen: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
+    duplicates = []
+    for family in text_string_to_metric_families(exposition):
+        for s in family.samples:
+            key = (s.name, tuple(sorted(s.labels.items())))
+            if key in seen:
+                duplicates.append(f"{s.name}{dict(key[1])}")
+            seen.add(key)
+    return duplicates
 
 
 async def poll(
@@ -153,6 +166,7 @@ async def test_every_contract_family_with_either_wiring(
         response = await client.get("/metrics")
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
     exposition = response.text
+    assert duplicate_series(exposition) == []
     types = family_types(exposition)
     for name, kind in CONTRACT_FAMILIES.items():
         assert types.get(name) == kind, name
@@ -173,6 +187,8 @@ async def test_every_contract_family_with_either_wiring(
     assert primary("dbpool_circuit_breaker_state", state="open") == 0
     assert primary("dbpool_circuit_breaker_state", state="half_open") == 0
     assert primary("dbpool_probe_up") == 1
+    for kind in ("outlived_request", "used_after_request", "held_too_long"):
+        assert primary("dbpool_leaks_total", kind=kind) == 0
     # Route templates, never raw paths.
     template = {"handler": "/items/{item_id}", "method": "GET"}
     assert metric(exposition, "http_requests_total", status="2xx", **template) == 2
@@ -251,6 +267,30 @@ async def test_breaker_state_is_one_hot_and_its_transitions_count(
     assert metric(opened, "dbpool_circuit_breaker_rejections_total") == 0
 
 
+async def test_a_leak_is_counted_by_kind(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = build("install", database_url, monkeypatch, CollectorRegistry())
+    kept: list[AsyncConnection] = []
+
+    @app.get("/leak")
+    async def leak() -> dict[str, int]:
+        # Taken under the request and never given back: it outlives the request.
+        kept.append(await dbpool.get_runtime(app).engine().connect())
+        return {"kept": len(kept)}
+
+    async with client_for(app) as client:
+        assert (await client.get("/leak")).status_code == 200
+        exposition = await poll(
+            lambda: scrape(client),
+            lambda t: metric(t, "dbpool_leaks_total", kind="outlived_request") == 1,
+        )
+        for conn in kept:
+            await conn.close()
+    assert metric(exposition, "dbpool_leaks_total", kind="held_too_long") == 0
+    assert metric(exposition, "dbpool_connections", state="used") == 1
+
+
 @pytest.mark.parametrize("form", FORMS)
 async def test_http_metrics_off_by_the_setting(
     form: Form, database_url: str, monkeypatch: pytest.MonkeyPatch
@@ -326,6 +366,7 @@ async def test_two_apps_on_the_default_registry_add_up(
         seen = await scrape(a)
         also_seen = await scrape(b)
     # One process, one registry: the two pools add up, as a pod's workers do.
+    assert duplicate_series(seen) == []
     assert metric(seen, "dbpool_connections_max", database="primary") == max_before + 5
     assert metric(also_seen, "dbpool_connections_max", database="primary") == max_before + 5
     assert metric(seen, "http_requests_total", **template) == http_before + 3

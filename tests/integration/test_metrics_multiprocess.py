@@ -92,7 +92,6 @@ async def gunicorn(database_url: str, workdir: Path, app_name: str) -> AsyncIter
         "DB_MAX_OVERFLOW": "0",
         "WEB_CONCURRENCY": str(WORKERS),
         "DB_APPLICATION_NAME": app_name,
-        "DB_METRICS_SYNC_INTERVAL": "0.1",
         "PYTHONPATH": str(REPO),
     }
     log_path = workdir / "gunicorn.log"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import weakref
-from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -13,8 +12,9 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_fastapi_instrumentator import metrics as instrumentator_metrics
 
-from fastapi_dbpool import ConfigurationError, DBPoolSettings, metrics
+from fastapi_dbpool import ConfigurationError, metrics
 from fastapi_dbpool.breaker import CircuitBreaker
+from fastapi_dbpool.leaks import LeakTracker
 from fastapi_dbpool.pool import WAIT_BUCKETS, PoolStats
 
 
@@ -29,14 +29,13 @@ class FakeDatabase:
         used: int = 0,
         max_size: int = 4,
         waiting: int = 0,
-        leaks: object = None,
+        leaks: LeakTracker | None = None,
     ) -> None:
         self.name = name
         self.stats = PoolStats()
         self.breaker = CircuitBreaker(name, failure_threshold=1, recovery_timeout=10)
         self.status = {"idle": idle, "checked_out": used, "max": max_size, "waiting": waiting}
-        if leaks is not None:
-            self.leaks = leaks
+        self.leaks = leaks
 
     def pool_status(self) -> dict[str, int]:
         return dict(self.status)
@@ -130,6 +129,7 @@ def test_every_family_is_described_before_anything_is_attached() -> None:
         "dbpool_checkout_timeouts": "counter",
         "dbpool_statement_timeouts": "counter",
         "dbpool_leaks": "counter",
+        "dbpool_leaks_reclaimed": "counter",
         "dbpool_circuit_breaker_state": "gauge",
         "dbpool_circuit_breaker_transitions": "counter",
         "dbpool_circuit_breaker_rejections": "counter",
@@ -169,27 +169,39 @@ def test_runtimes_on_one_registry_add_up_by_database_name() -> None:
     assert samples(text, "dbpool_circuit_breaker_state", database="replica", state="closed")
 
 
-@pytest.mark.parametrize(
-    ("leaks", "expected"),
-    [
-        (None, {}),
-        (
-            {"session": 2, "connection": 1},
-            {(("kind", "connection"),): 1, (("kind", "session"),): 2},
-        ),
-        ({}, {}),
-        (["not", "a", "mapping"], {}),
-        ({"session": "three", "connection": True, "task": 1.0}, {(("kind", "task"),): 1}),
-    ],
-)
-def test_leaks_by_kind_when_the_database_counts_them(
-    leaks: object, expected: Mapping[tuple[tuple[str, str], ...], float]
-) -> None:
-    text, _ = collected(FakeRuntime(FakeDatabase(leaks=leaks)))
-    assert {f.name: f.type for f in text_string_to_metric_families(text)}["dbpool_leaks"] == (
-        "counter"
-    )
-    assert samples(text, "dbpool_leaks_total", database="primary") == expected
+def tracker() -> LeakTracker:
+    return LeakTracker(threshold=30, reclaim_after=None)
+
+
+def test_leaks_by_kind_every_kind_from_the_start() -> None:
+    leaks = tracker()
+    primary, replica = FakeDatabase(leaks=leaks), FakeDatabase("replica", leaks=leaks)
+    text, _ = collected(FakeRuntime(primary, replica))
+    zero = {
+        (("kind", "held_too_long"),): 0,
+        (("kind", "outlived_request"),): 0,
+        (("kind", "used_after_request"),): 0,
+    }
+    assert samples(text, "dbpool_leaks_total", database="primary") == zero
+    # One tracker serves the app's databases; each reads its own counts.
+    leaks.counts[("primary", "outlived_request")] = 2
+    leaks.counts[("replica", "held_too_long")] = 1
+    leaks.reclaimed["primary"] = 1
+    text, _ = collected(FakeRuntime(primary, replica))
+    assert samples(text, "dbpool_leaks_total", database="primary") == {
+        **zero,
+        (("kind", "outlived_request"),): 2,
+    }
+    assert value(text, "dbpool_leaks_total", database="replica") == 1
+    assert value(text, "dbpool_leaks_reclaimed_total", database="primary") == 1
+    assert value(text, "dbpool_leaks_reclaimed_total", database="replica") == 0
+
+
+def test_no_leak_tracker_no_leak_samples_but_the_family() -> None:
+    text, _ = collected(FakeRuntime(FakeDatabase(leaks=None)))
+    types = {f.name: f.type for f in text_string_to_metric_families(text)}
+    assert types["dbpool_leaks"] == "counter"
+    assert value(text, "dbpool_leaks_total") is None
 
 
 def test_probe_up_only_once_the_probe_has_run() -> None:
@@ -292,7 +304,9 @@ COMPARED = (
     ("dbpool_pending_requests", {}),
     ("dbpool_checkout_timeouts_total", {}),
     ("dbpool_statement_timeouts_total", {}),
-    ("dbpool_leaks_total", {"kind": "session"}),
+    ("dbpool_leaks_total", {"kind": "outlived_request"}),
+    ("dbpool_leaks_total", {"kind": "held_too_long"}),
+    ("dbpool_leaks_reclaimed_total", {}),
     ("dbpool_circuit_breaker_state", {"state": "open"}),
     ("dbpool_circuit_breaker_state", {"state": "closed"}),
     ("dbpool_circuit_breaker_transitions_total", {"from": "closed", "to": "open"}),
@@ -309,7 +323,9 @@ def test_the_multiprocess_mirror_writes_what_the_collector_reads() -> None:
     # fills them (gauges set, counters and histograms grown by what is new) is the same.
     mirror = metrics._ProcessMirror()
     registry = mirror_registry(mirror)
-    db = FakeDatabase(idle=3, used=1, waiting=2, leaks={"session": 1})
+    leaks = tracker()
+    leaks.counts[("primary", "outlived_request")] = 1
+    db = FakeDatabase(idle=3, used=1, waiting=2, leaks=leaks)
     runtime = FakeRuntime(db)
     mirror.attach(runtime)  # type: ignore[arg-type]
 
@@ -330,7 +346,8 @@ def test_the_multiprocess_mirror_writes_what_the_collector_reads() -> None:
     db.stats.use_time.observe(0.2)
     db.stats.checkout_timeouts = 5
     db.stats.statement_timeouts = 1
-    db.leaks["session"] = 4
+    leaks.counts[("primary", "outlived_request")] = 4
+    leaks.reclaimed["primary"] = 2
     db.status.update(idle=0, used=4)
     db.breaker.record_failure()
     mirror.sync()
@@ -346,11 +363,3 @@ def test_the_multiprocess_mirror_writes_what_the_collector_reads() -> None:
     # ... and what was counted stays counted.
     assert value(after, "dbpool_checkout_timeouts_total", database="primary") == 5
     assert value(after, "dbpool_checkout_wait_seconds_count", database="primary") == 2
-
-
-def test_metrics_sync_interval_setting() -> None:
-    assert DBPoolSettings().metrics_sync_interval == 1.0
-    settings = DBPoolSettings.from_env({"DB_METRICS_SYNC_INTERVAL": "0.25"})
-    assert settings.metrics_sync_interval == 0.25
-    with pytest.raises(ConfigurationError, match="DB_METRICS_SYNC_INTERVAL"):
-        DBPoolSettings.from_env({"DB_METRICS_SYNC_INTERVAL": "0"})

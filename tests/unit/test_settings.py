@@ -61,6 +61,7 @@ CONTRACT_VARIABLES: list[tuple[str, str, str, Any]] = [
 ]
 
 EXTRA_VARIABLES: list[tuple[str, str, str, Any]] = [
+    ("DB_OTEL", "otel", " ON ", "on"),
     ("DB_SHUTDOWN_DELAY", "shutdown_delay", "5", 5.0),
     ("DB_LEAK_RECLAIM_AFTER", "leak_reclaim_after", "90", 90.0),
     ("DB_LEAK_RECLAIM_UNOWNED", "leak_reclaim_unowned", "yes", True),
@@ -116,6 +117,7 @@ DOCUMENTED_DEFAULTS: dict[str, Any] = {
     "health_details": False,
     "shutdown_delay": 0.0,
     "drain_timeout": 20.0,
+    "otel": "auto",
     "http_metrics": True,
 }
 
@@ -317,6 +319,9 @@ BAD_COUNTS = [
     ("DB_POOL_SIZE", "ten"),
     ("DB_MAX_OVERFLOW", "-1"),
     ("DB_POOL_SIZE_CAP", "0"),
+    ("DB_OTEL", "maybe"),
+    ("DB_SHUTDOWN_DELAY", "-1"),
+    ("DB_LEAK_RECLAIM_AFTER", "0"),
     ("DB_POOL_SIZE_CAP", "many"),
     ("DB_MAX_OVERFLOW", "lots"),
     ("DB_CIRCUIT_FAILURE_THRESHOLD", "0"),

@@ -1,0 +1,103 @@
+"""The benchmarks, run with tiny sizes so that they cannot rot (they are not tests).
+
+One ``python -m benchmarks --profile smoke`` run exercises every comparison end to end
+(uvicorn servers, the Python load generator, worker processes, JSON results); wrk's Lua
+script is checked on its own when wrk is installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+COMPARISONS = {"http", "overhead", "checkout", "burst", "memory", "features"}
+
+
+async def test_every_benchmark_runs_with_tiny_sizes(database_url: str, tmp_path: Path) -> None:
+    env = {**os.environ, "DBPOOL_BENCH_DATABASE_URL": database_url}
+    proc = await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--profile",
+            "smoke",
+            "--no-wrk",
+            "--quiet",
+            "--results-dir",
+            str(tmp_path),
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    results = {
+        data["name"]: data
+        for data in (json.loads(p.read_text()) for p in await asyncio.to_thread(_results, tmp_path))
+        if "name" in data
+    }
+    assert set(results) == COMPARISONS
+    for name, data in results.items():
+        assert data["tables"], name
+        assert all(table["rows"] for table in data["tables"]), name
+    # Every request of the tiny burst got a response: served, or 503 with Retry-After.
+    for run in results["burst"]["data"]["dbpool"]:
+        assert run["served"] + run["shed_503"] == run["requests"], run
+        assert run["checked_out_after"] == 0, run
+    assert "Targets of issue 5" in proc.stdout
+
+
+def _results(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.json"))
+
+
+class _Ok(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        body = b'{"ok": true}' if self.path.startswith("/items/") else b"no"
+        self.send_response(200 if body != b"no" else 404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def http_server() -> Iterator[int]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Ok)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
+def test_wrk_script_reports_templated_requests(http_server: int) -> None:
+    from benchmarks.loadgen import run_wrk
+
+    result = run_wrk(http_server, "/items/{id}", connections=2, duration=1, max_id=100)
+    assert result.requests > 0
+    assert result.non_2xx == 0
+    assert result.p99_ms >= result.p50_ms > 0
