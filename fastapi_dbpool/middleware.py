@@ -15,13 +15,15 @@ from prometheus_client import CollectorRegistry
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .context import STATE_KEY, current_request
-from .errors import NotInstalledError
+from .errors import CircuitOpenError, NotInstalledError
 from .metrics import HTTPMetrics
-from .requests import RequestContext
+from .requests import RequestContext, scope_route
 from .responses import ErrorResponse, map_exception
 from .runtime import DBPoolRuntime
 
 logger = logging.getLogger("fastapi_dbpool")
+
+ANSWERED_MESSAGE = "database failure answered %d: %s (%s)"
 
 LIFESPAN_MISSING = (
     "DBPoolMiddleware is installed but the fastapi_dbpool lifespan did not run: create the "
@@ -126,11 +128,20 @@ class DBPoolMiddleware:
             await ctx.finish()
             if mapped is None or started:
                 raise
-            logger.warning(
-                "database failure answered %d: %s",
+            # While the breaker is open every request is refused: its opening was logged
+            # once already, so the refusals stay at DEBUG rather than flood the log.
+            level = logging.DEBUG if isinstance(exc, CircuitOpenError) else logging.WARNING
+            logger.log(
+                level,
+                ANSWERED_MESSAGE,
                 mapped.status,
                 type(exc).__name__,
-                extra={"status": mapped.status, "error": type(exc).__name__},
+                scope_route(ctx.scope),
+                extra={
+                    "status": mapped.status,
+                    "error": type(exc).__name__,
+                    "route": scope_route(ctx.scope),
+                },
             )
             await _send_error(send, mapped)
             return

@@ -159,9 +159,7 @@ class RequestContext:
 
     def route(self) -> str | None:
         """The route template that served this request (never the raw path)."""
-        route = self.scope.get("route")
-        path = getattr(route, "path", None)
-        return path if isinstance(path, str) else None
+        return scope_route(self.scope)
 
     def request_id(self) -> str | None:
         """The request's id from ``X-Request-ID`` (or ``X-Correlation-ID``), if any."""
@@ -227,6 +225,12 @@ class RequestContext:
         if message["type"] != "http.disconnect":
             buffer.popleft()
         return message
+
+
+def scope_route(scope: Scope) -> str | None:
+    """The route template of a request (never its raw path)."""
+    path = getattr(scope.get("route"), "path", None)
+    return path if isinstance(path, str) else None
 
 
 async def _close_shielded(sess: AsyncSession) -> None:
