@@ -479,7 +479,7 @@ async def test_instrumenting_again_replaces_and_closing_detaches(
 
 
 def test_startup_rule_reads_the_global_providers(monkeypatch: pytest.MonkeyPatch) -> None:
-    settings = types.SimpleNamespace()
+    settings = types.SimpleNamespace(otel="auto")
     assert telemetry.from_settings(settings) is None  # type: ignore[arg-type]
     reader = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[reader])
