@@ -107,9 +107,13 @@ class DBPoolMiddleware:
                         await ctx.release()
                     else:
                         stream_open = True
-            elif kind == "http.response.body" and stream_open and not message.get("more_body"):
-                stream_open = False
-                await ctx.release()
+            elif kind == "http.response.body" and not message.get("more_body"):
+                # The response is complete: a disconnect from now on is the client leaving
+                # normally, not a reason to cancel what still runs (BackgroundTasks).
+                ctx.response_complete()
+                if stream_open:
+                    stream_open = False
+                    await ctx.release()
             await send(message)
 
         try:

@@ -41,6 +41,7 @@ class RequestContext:
         "_buffer",
         "_ready",
         "_receive",
+        "_responded",
         "_timer",
         "_watcher",
         "cancelled_on_disconnect",
@@ -70,6 +71,7 @@ class RequestContext:
         self._buffer: collections.deque[Message] | None = None
         self._ready: asyncio.Event | None = None
         self._app_receiving = False
+        self._responded = False
 
     # -- sessions -------------------------------------------------------------------
 
@@ -171,15 +173,22 @@ class RequestContext:
 
     # -- client disconnects ---------------------------------------------------------
 
+    def response_complete(self) -> None:
+        """The last byte of the response was handed to the server: stop watching."""
+        self._responded = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
     def _arm_disconnect_watch(self) -> None:
-        if self._timer is None and self.scope["type"] == "http":
+        if self._timer is None and not self._responded and self.scope["type"] == "http":
             self.task = asyncio.current_task()
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(DISCONNECT_WATCH_DELAY, self._start_watch)
 
     def _start_watch(self) -> None:
         self._timer = None
-        if self.finished or self._watcher is not None:
+        if self.finished or self._responded or self._watcher is not None:
             return
         if self._app_receiving:
             # The application is reading the body itself; look again later rather than
@@ -203,7 +212,12 @@ class RequestContext:
                 break
         # The client is gone while the handler still works: cancel it, so the running
         # query is cancelled on the server and the connection goes back to the pool.
-        if not self.finished and self.task is not None and not self.task.done():
+        if (
+            not self.finished
+            and not self._responded
+            and self.task is not None
+            and not self.task.done()
+        ):
             self.cancelled_on_disconnect = True
             self.task.cancel()
 

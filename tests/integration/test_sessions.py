@@ -324,3 +324,37 @@ async def test_stream_releases_its_connection_when_the_client_disconnects(
         # The client is gone: the stream stops and its connection goes back.
         await wait_until(lambda: checked_out(app) == 0, 5)
         assert dbpool.get_runtime(app).leaks.total() == 0
+
+
+async def test_background_task_survives_the_client_leaving_after_the_response(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.helpers import wait_until
+    from tests.helpers.apps import serve
+
+    # Watch for disconnects from the first query on, so the watcher is surely running.
+    monkeypatch.setattr("fastapi_dbpool.requests.DISCONNECT_WATCH_DELAY", 0.0)
+    app = make_app(settings_for(database_url))
+    outcome: list[str] = []
+
+    @app.get("/then-work")
+    async def then_work(
+        background: BackgroundTasks, session: AsyncSession = Depends(get_session)
+    ) -> dict[str, int]:
+        async def work() -> None:
+            try:
+                await session.execute(text("SELECT pg_sleep(1.0)"))
+                outcome.append("done")
+            except BaseException as exc:
+                outcome.append(type(exc).__name__)
+                raise
+
+        background.add_task(work)
+        return {"v": (await session.execute(text("SELECT 1"))).scalar_one()}
+
+    async with serve(app) as base_url:
+        async with httpx.AsyncClient(base_url=base_url) as client:
+            assert (await client.get("/then-work")).json() == {"v": 1}
+        # The client has closed its connection while the background task runs.
+        await wait_until(lambda: bool(outcome), 5)
+    assert outcome == ["done"]
