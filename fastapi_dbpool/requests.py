@@ -131,7 +131,11 @@ class RequestContext:
         """Roll back and return every connection of the request sessions to the pool."""
         if self.sessions:
             for sess in self.sessions.values():
-                if not self.failed and sess.in_transaction():
+                if not sess.in_transaction():
+                    # Never used, or already released and not used since: nothing holds a
+                    # connection, and a close would only cost a round of the event loop.
+                    continue
+                if not self.failed:
                     # It reached the database and nothing failed at the connection level:
                     # a success for the breaker (what closes it after a half-open trial).
                     breaker = sess.info[DATABASE_KEY].breaker
