@@ -594,6 +594,32 @@ def render_health(health: Health) -> RenderableType:
             notes.add_row(f"{name} server:", Text(mask_url(server), style="dim"))
         if "sizing" in db:
             notes.add_row(f"{name} sizing:", Text(_sizing(db["sizing"]), style="dim"))
+    leaks = health.body.get("leaks")
+    if isinstance(leaks, Mapping) and leaks.get("total"):
+        by_kind = leaks.get("by_kind") or {}
+        counts = ", ".join(f"{kind} {n}" for kind, n in by_kind.items() if n)
+        notes.add_row(
+            "leaks:",
+            Text(
+                f"{leaks['total']} reported ({counts}); reclaimed {leaks.get('reclaimed', 0)}",
+                style="yellow",
+            ),
+        )
+        for leak in (leaks.get("recent") or [])[-5:]:
+            who = (
+                f"{leak.get('method')} {leak.get('route')}"
+                if leak.get("route")
+                else "outside any request"
+            )
+            task = f", task {leak['task']}" if leak.get("task") else ""
+            notes.add_row(
+                "",
+                Text(
+                    f"{leak.get('kind')} on {leak.get('database')}: held "
+                    f"{leak.get('held_for', 0):.1f}s by {who}{task}",
+                    style="yellow",
+                ),
+            )
     header = Text.assemble(
         (mask_url(health.url), "bold"),
         "  ",

@@ -494,3 +494,48 @@ def test_importing_the_package_and_the_cli_needs_neither_rich_nor_httpx() -> Non
         "fastapi-dbpool: error: the fastapi-dbpool command needs rich and httpx: "
         "pip install 'fastapi-dbpool[cli]' (rich is missing)\n"
     )
+
+
+def test_status_shows_the_leaks_the_service_reported() -> None:
+    body = health_body()
+    body["leaks"] = {
+        "total": 2,
+        "by_kind": {"outlived_request": 1, "used_after_request": 0, "held_too_long": 1},
+        "reclaimed": 1,
+        "slow_holds": 0,
+        "recent": [
+            {
+                "kind": "outlived_request",
+                "database": "primary",
+                "held_for": 61.2,
+                "route": "/orders/{order_id}",
+                "method": "POST",
+                "request_id": "r1",
+                "task": "syncer",
+                "at": 0,
+            },
+            {
+                "kind": "held_too_long",
+                "database": "primary",
+                "held_for": 31.0,
+                "route": None,
+                "method": None,
+                "request_id": None,
+                "task": None,
+                "at": 0,
+            },
+        ],
+    }
+    with client_answering(httpx.Response(200, json=body)) as client:
+        text = _render(cli.render_health(cli.fetch_health(client, URL)))
+    assert "2 reported (outlived_request 1, held_too_long 1); reclaimed 1" in text
+    assert "outlived_request on primary: held 61.2s by POST /orders/{order_id}, task syncer" in text
+    assert "held_too_long on primary: held 31.0s by outside any request" in text
+
+
+def test_status_without_leaks_says_nothing_of_them() -> None:
+    body = health_body()
+    body["leaks"] = {"total": 0, "by_kind": {}, "reclaimed": 0, "slow_holds": 0, "recent": []}
+    with client_answering(httpx.Response(200, json=body)) as client:
+        text = _render(cli.render_health(cli.fetch_health(client, URL)))
+    assert "leaks" not in text
