@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .context import STATE_KEY, current_request
-from .errors import CircuitOpenError, NotInstalledError
+from .errors import CheckoutTimeoutError, CircuitOpenError, NotInstalledError
 from .metrics import HTTPMetrics
 from .requests import RequestContext, scope_route
 from .responses import ErrorResponse, map_exception
@@ -132,9 +132,14 @@ class DBPoolMiddleware:
             await ctx.finish()
             if mapped is None or started:
                 raise
-            # While the breaker is open every request is refused: its opening was logged
-            # once already, so the refusals stay at DEBUG rather than flood the log.
-            level = logging.DEBUG if isinstance(exc, CircuitOpenError) else logging.WARNING
+            # While the breaker is open, or the pool is saturated, many requests are refused
+            # at once: they are counted in metrics and stay at DEBUG here rather than flood
+            # the log.
+            level = (
+                logging.DEBUG
+                if isinstance(exc, CircuitOpenError | CheckoutTimeoutError)
+                else logging.WARNING
+            )
             logger.log(
                 level,
                 ANSWERED_MESSAGE,

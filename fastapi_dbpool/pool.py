@@ -96,6 +96,7 @@ class PoolStats:
         "connect_failures",
         "create_time",
         "otel",
+        "refused",
         "statement_timeouts",
         "use_time",
         "wait_time",
@@ -108,6 +109,8 @@ class PoolStats:
         self.checkout_timeouts = 0
         self.statement_timeouts = 0
         self.connect_failures = 0
+        #: Requests answered 503 at once because DB_MAX_WAITING requests already waited.
+        self.refused = 0
         self.wait_time = Histogram(WAIT_BUCKETS)
         self.create_time = Histogram(WAIT_BUCKETS)
         self.use_time = Histogram(USE_BUCKETS)

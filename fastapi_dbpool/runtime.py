@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from .engines import Database, build_databases
-from .errors import CircuitOpenError
+from .errors import CheckoutTimeoutError, CircuitOpenError
 from .leaks import LeakTracker
 from .probe import DatabaseProbe
 from .requests import unknown_database
@@ -106,17 +106,30 @@ class DBPoolRuntime:
 
         Raises:
             CircuitOpenError: The database's circuit breaker is open (503).
+            CheckoutTimeoutError: DB_MAX_WAITING requests already wait for a connection.
         """
         breaker = db.breaker
-        if breaker.is_closed or breaker.allow():
-            return
-        if self.telemetry is not None:
-            self.telemetry.rejected(db)
-        raise CircuitOpenError(
-            f"the {db.name} database is unavailable (circuit breaker {breaker.state.value})",
-            database=db.name,
-            retry_after=breaker.retry_after(),
-        )
+        if not (breaker.is_closed or breaker.allow()):
+            if self.telemetry is not None:
+                self.telemetry.rejected(db)
+            raise CircuitOpenError(
+                f"the {db.name} database is unavailable (circuit breaker {breaker.state.value})",
+                database=db.name,
+                retry_after=breaker.retry_after(),
+            )
+        stats = db.stats
+        if stats.waiting >= db.max_waiting:
+            # Admission control: a request that joins a queue this long will not get a
+            # connection within DB_CHECKOUT_TIMEOUT anyway; refusing it now keeps memory,
+            # garbage collection and the event loop free for the requests being served.
+            stats.refused += 1
+            stats.checkout_timeouts += 1
+            raise CheckoutTimeoutError(
+                f"the {db.name} pool is saturated: {stats.waiting} requests already wait "
+                f"for a connection (DB_MAX_WAITING={db.max_waiting})",
+                database=db.name,
+                retry_after=self.settings.checkout_timeout,
+            )
 
     def request_started(self) -> None:
         """Count a request in flight."""

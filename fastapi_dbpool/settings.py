@@ -171,6 +171,14 @@ class DBPoolSettings:
     rarely keeps more than ~20 connections busy, and a pool that takes a large server's
     whole share opens many connections that only sit idle. Explicit DB_POOL_SIZE wins."""
 
+    max_waiting: int | None = _setting(
+        None, "DB_MAX_WAITING", int, "requests that may wait for a connection at once"
+    )
+    """Requests that may wait for a pooled connection at once; one more is answered 503 at
+    once instead of joining a queue it cannot get through in DB_CHECKOUT_TIMEOUT. Default:
+    10 x (pool_size + max_overflow). Under a burst of thousands, an unbounded queue costs
+    memory and garbage-collection time until nothing is served in time."""
+
     connect_timeout: float = _setting(5.0, "DB_CONNECT_TIMEOUT", float, "seconds to connect")
     """Seconds to open one connection, TCP and authentication included."""
 
@@ -385,7 +393,7 @@ def _validate(s: DBPoolSettings) -> None:
         value = getattr(s, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise _fail(name, value, "must be a whole number of at least 1")
-    for name in ("max_connections", "pool_size", "pool_size_cap"):
+    for name in ("max_connections", "pool_size", "pool_size_cap", "max_waiting"):
         value = getattr(s, name)
         if value is not None and (not isinstance(value, int) or value < 1):
             raise _fail(name, value, "must be a whole number of at least 1")

@@ -309,3 +309,45 @@ async def test_checkout_timeout_error_is_also_sqlalchemys(database_url: str) -> 
                     pass
     assert isinstance(info.value, SATimeoutError)
     assert "primary pool" in str(info.value) and "0.2s" in str(info.value)
+
+
+async def test_a_full_queue_answers_503_at_once_instead_of_waiting(database_url: str) -> None:
+    app = make_app(settings_for(database_url, pool_size=1, checkout_timeout=5.0, max_waiting=2))
+    holding = asyncio.Event()
+    release = asyncio.Event()
+
+    @app.get("/hold")
+    async def hold(session: AsyncSession = Depends(get_session)) -> None:
+        await session.execute(text("SELECT 1"))
+        holding.set()
+        await release.wait()
+
+    @app.get("/query")
+    async def query(session: AsyncSession = Depends(get_session)) -> dict[str, int]:
+        return {"v": (await session.execute(text("SELECT 1"))).scalar_one()}
+
+    async with client_for(app) as client:
+        holder = asyncio.create_task(client.get("/hold"))
+        await asyncio.wait_for(holding.wait(), 5)
+        db = dbpool.get_runtime(app).databases["primary"]
+        queued = [asyncio.create_task(client.get("/query")) for _ in range(2)]
+        await wait_for(_async(lambda: db.stats.waiting == 2), 5, "two requests queued")
+        started = time.monotonic()
+        refused = await client.get("/query")
+        took = time.monotonic() - started
+        release.set()
+        served = await asyncio.gather(holder, *queued)
+        refusals = db.stats.refused
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"] == "5"
+    assert "busy" in refused.json()["detail"]
+    assert took < 0.5  # not the 5 s checkout timeout
+    assert [r.status_code for r in served] == [200, 200, 200]
+    assert refusals == 1
+
+
+def _async(predicate):  # type: ignore[no-untyped-def]
+    async def check() -> bool:
+        return bool(predicate())
+
+    return check

@@ -61,6 +61,7 @@ CONTRACT_VARIABLES: list[tuple[str, str, str, Any]] = [
 ]
 
 EXTRA_VARIABLES: list[tuple[str, str, str, Any]] = [
+    ("DB_MAX_WAITING", "max_waiting", "50", 50),
     ("DB_OTEL", "otel", " ON ", "on"),
     ("DB_SHUTDOWN_DELAY", "shutdown_delay", "5", 5.0),
     ("DB_LEAK_RECLAIM_AFTER", "leak_reclaim_after", "90", 90.0),
@@ -94,6 +95,7 @@ DOCUMENTED_DEFAULTS: dict[str, Any] = {
     "pool_size": None,
     "max_overflow": None,
     "pool_size_cap": 20,
+    "max_waiting": None,
     "connect_timeout": 5.0,
     "checkout_timeout": 5.0,
     "command_timeout": 30.0,
@@ -320,6 +322,7 @@ BAD_COUNTS = [
     ("DB_MAX_OVERFLOW", "-1"),
     ("DB_POOL_SIZE_CAP", "0"),
     ("DB_OTEL", "maybe"),
+    ("DB_MAX_WAITING", "0"),
     ("DB_SHUTDOWN_DELAY", "-1"),
     ("DB_LEAK_RECLAIM_AFTER", "0"),
     ("DB_POOL_SIZE_CAP", "many"),
