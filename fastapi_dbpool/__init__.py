@@ -10,6 +10,7 @@ from .errors import (
     DBPoolError,
     DeadlineExceededError,
     NotInstalledError,
+    ReadOnlySessionError,
 )
 from .health import router
 from .lifespan import get_runtime, install, lifespan
@@ -39,6 +40,7 @@ __all__ = [
     "DeadlineExceededError",
     "NotInstalledError",
     "PoolBudget",
+    "ReadOnlySessionError",
     "RequestSession",
     "ServerLimits",
     "SessionFactory",

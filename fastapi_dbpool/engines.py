@@ -32,6 +32,7 @@ from .errors import ConfigurationError, DatabaseUnavailableError, DeadlineExceed
 from .failover import FailoverConnector
 from .leaks import USED_AFTER_REQUEST, Checkout, LeakTracker, capture_stack
 from .pool import InstrumentedQueuePool, PoolStats, attach
+from .sessions import READ_ONLY_KEY
 from .settings import DBPoolSettings, safe_url
 from .sizing import BudgetError, PoolBudget, ServerLimits, plan_pool
 from .telemetry import CLIENT_DEADLINE, LOCK_TIMEOUT, STATEMENT_TIMEOUT
@@ -122,6 +123,14 @@ class Database:
         attach(self.engine.sync_engine.pool, self.stats, self.breaker)
         self.sessionmaker: async_sessionmaker[Any] = async_sessionmaker(
             self.engine, class_=session_class, expire_on_commit=False
+        )
+        # Read-only routes: each statement is its own implicit transaction, so a request
+        # costs the statement's round trip alone, not BEGIN + statement + ROLLBACK.
+        self.read_only_sessionmaker: async_sessionmaker[Any] = async_sessionmaker(
+            self.engine.execution_options(isolation_level="AUTOCOMMIT"),
+            class_=session_class,
+            expire_on_commit=False,
+            info={READ_ONLY_KEY: True},
         )
         self._install_pool_events()
         if self.failover is not None:

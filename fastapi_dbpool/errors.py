@@ -72,3 +72,7 @@ class ConcurrentSessionUseError(DBPoolError, RuntimeError):
 
 class SessionClosedError(DBPoolError, RuntimeError):
     """The request's session was used after its request had completed."""
+
+
+class ReadOnlySessionError(DBPoolError, RuntimeError):
+    """A write was attempted through a ``read_only=True`` session."""

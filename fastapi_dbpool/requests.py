@@ -75,19 +75,22 @@ class RequestContext:
 
     # -- sessions -------------------------------------------------------------------
 
-    def session(self, database: str, timeout: float | None) -> RequestSession:
-        """The request's session on ``database``, made on first use."""
+    def session(
+        self, database: str, timeout: float | None, read_only: bool = False
+    ) -> RequestSession:
+        """The request's session on ``database`` (its read-only one), made on first use."""
         sessions = self.sessions
         if sessions is None:
             sessions = self.sessions = {}
             self._arm_disconnect_watch()
-        found = sessions.get(database)
+        key = database + ":read_only" if read_only else database
+        found = sessions.get(key)
         if found is None:
             db = self.runtime.database(database)
             self.runtime.check_available(db)
-            found = db.sessionmaker()
+            found = db.read_only_sessionmaker() if read_only else db.sessionmaker()
             found.info[DATABASE_KEY] = db
-            sessions[database] = found
+            sessions[key] = found
         if timeout is not None:
             current = found.info.get(TIMEOUT_KEY)
             found.info[TIMEOUT_KEY] = timeout if current is None else min(current, timeout)

@@ -18,16 +18,17 @@ from typing import Any, TypeVar, cast
 from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction, UOWTransaction
 
 from .context import current_request
-from .errors import ConcurrentSessionUseError, NotInstalledError
+from .errors import ConcurrentSessionUseError, NotInstalledError, ReadOnlySessionError
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 #: Keys of ``AsyncSession.info`` this library owns.
 TIMEOUT_KEY = "dbpool_timeout"
 DATABASE_KEY = "dbpool_database"
+READ_ONLY_KEY = "dbpool_read_only"
 
 _MIDDLEWARE_MISSING = (
     "get_session needs DBPoolMiddleware: add `app.add_middleware(dbpool.DBPoolMiddleware)` "
@@ -127,6 +128,27 @@ def _set_route_timeout(info: dict[Any, Any], conn: Connection) -> None:
         database.set_client_timeout(conn, timeout)
 
 
+_READ_ONLY_WRITE = (
+    "this session is read-only (dbpool.session(read_only=True)): its statements run "
+    "without a transaction, so a write would be committed at once; use get_session for "
+    "routes that write"
+)
+
+
+@event.listens_for(Session, "do_orm_execute")
+def _refuse_dml_when_read_only(state: ORMExecuteState) -> None:
+    if state.session.info.get(READ_ONLY_KEY) and (
+        state.is_insert or state.is_update or state.is_delete
+    ):
+        raise ReadOnlySessionError(_READ_ONLY_WRITE)
+
+
+@event.listens_for(Session, "before_flush")
+def _refuse_flush_when_read_only(session: Session, flush: UOWTransaction, instances: Any) -> None:
+    if session.info.get(READ_ONLY_KEY) and (session.new or session.dirty or session.deleted):
+        raise ReadOnlySessionError(_READ_ONLY_WRITE)
+
+
 async def get_session() -> AsyncSession:
     """FastAPI dependency: the request's session on the primary database.
 
@@ -145,9 +167,9 @@ async def get_session() -> AsyncSession:
 
 @functools.cache
 def session(
-    database: str = "primary", *, timeout: float | None = None
+    database: str = "primary", *, timeout: float | None = None, read_only: bool = False
 ) -> Callable[[], Awaitable[AsyncSession]]:
-    """A dependency for a named database and/or a per-route statement timeout.
+    """A dependency for a named database, a per-route statement timeout, or reads only.
 
     ``Depends(dbpool.session("replica"))`` reaches the read replica;
     ``Depends(dbpool.session(timeout=2.5))`` gives this route's statements 2.5 s on the
@@ -155,21 +177,37 @@ def session(
     dependencies on one database share one session; when several routes' timeouts meet in
     one request, the shortest applies.
 
+    ``Depends(dbpool.session(read_only=True))`` is for routes that only read: its
+    statements run without a transaction (autocommit), so a request costs one round trip
+    per statement instead of BEGIN + statements + ROLLBACK. Each statement sees its own
+    snapshot; ORM writes and ``insert()``/``update()``/``delete()`` through it raise
+    :class:`~fastapi_dbpool.errors.ReadOnlySessionError`. It is a session of its own,
+    separate from the request's ``get_session`` session.
+
     Args:
         database: Name of the database: ``"primary"`` or ``"replica"``.
         timeout: Statement timeout in seconds for this route, enforced by PostgreSQL.
+        read_only: Run the statements without a transaction (reads only).
 
     Raises:
-        ValueError: ``timeout`` is not greater than 0.
+        ValueError: ``timeout`` is not greater than 0, or is combined with ``read_only``
+            (the server applies a per-route timeout to a transaction, and a read-only
+            session has none).
     """
     if timeout is not None and not timeout > 0:
         raise ValueError(f"timeout must be greater than 0, got {timeout!r}")
+    if timeout is not None and read_only:
+        raise ValueError(
+            "session(read_only=True) cannot take a timeout: its statements run outside a "
+            "transaction, where SET LOCAL statement_timeout has no effect; use "
+            "session(timeout=...) for a read route that needs its own deadline"
+        )
 
     async def dependency() -> AsyncSession:
         ctx = current_request.get()
         if ctx is None:
             raise NotInstalledError(_MIDDLEWARE_MISSING)
-        sess = ctx.session(database, timeout)
+        sess = ctx.session(database, timeout, read_only)
         if timeout is not None and sess.in_transaction():
             # An earlier dependency already began the transaction, so after_begin has
             # passed: apply the route's timeout to the transaction in progress.
@@ -178,7 +216,11 @@ def session(
             await conn.run_sync(lambda sync_conn: _set_route_timeout(info, sync_conn))
         return sess
 
-    dependency.__name__ = f"session_{database}" + (f"_{timeout}s" if timeout else "")
+    dependency.__name__ = (
+        f"session_{database}"
+        + (f"_{timeout}s" if timeout else "")
+        + ("_read_only" if read_only else "")
+    )
     return dependency
 
 

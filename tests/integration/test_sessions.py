@@ -358,3 +358,51 @@ async def test_background_task_survives_the_client_leaving_after_the_response(
         # The client has closed its connection while the background task runs.
         await wait_until(lambda: bool(outcome), 5)
     assert outcome == ["done"]
+
+
+async def test_read_only_session_costs_no_transaction_round_trips(database_url: str) -> None:
+    await create_items(database_url)
+    app = make_app(settings_for(database_url, application_name="dbpool-ro"))
+    admin = await asyncpg.connect(plain_dsn(database_url))
+    await admin.execute("INSERT INTO items (name) VALUES ('a'), ('b')")
+
+    @app.get("/count")
+    async def count(
+        session: AsyncSession = Depends(dbpool.session(read_only=True)),
+    ) -> dict[str, Any]:
+        n = (await session.execute(text("SELECT count(*) FROM items"))).scalar_one()
+        # No transaction block: each statement is a transaction of its own.
+        first = (await session.execute(text("SELECT txid_current()"))).scalar_one()
+        second = (await session.execute(text("SELECT txid_current()"))).scalar_one()
+        return {"n": n, "in_block": first == second}
+
+    @app.get("/tx-count")
+    async def tx_count(session: AsyncSession = Depends(get_session)) -> dict[str, Any]:
+        first = (await session.execute(text("SELECT txid_current()"))).scalar_one()
+        second = (await session.execute(text("SELECT txid_current()"))).scalar_one()
+        return {"in_block": first == second}
+
+    @app.post("/sneaky-write")
+    async def sneaky(
+        session: AsyncSession = Depends(dbpool.session(read_only=True)),
+    ) -> None:
+        from sqlalchemy import column, insert, table
+
+        await session.execute(insert(table("items", column("name"))).values(name="x"))
+
+    try:
+        async with client_for(app) as client:
+            assert (await client.get("/count")).json() == {"n": 2, "in_block": False}
+            # Control: in a transaction block both statements share one transaction.
+            assert (await client.get("/tx-count")).json() == {"in_block": True}
+            with pytest.raises(dbpool.ReadOnlySessionError, match="read-only"):
+                await client.post("/sneaky-write")
+            assert checked_out(app) == 0
+        assert await item_names(database_url) == ["a", "b"]
+    finally:
+        await admin.close()
+
+
+def test_read_only_and_timeout_cannot_be_combined() -> None:
+    with pytest.raises(ValueError, match="read_only=True"):
+        dbpool.session(read_only=True, timeout=1.0)
