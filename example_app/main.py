@@ -3,7 +3,8 @@
 It uses only the public API. Each route shows one pattern:
 
 * ``/items`` CRUD: the request's session (``Depends(dbpool.get_session)``), an explicit
-  commit before a write answers;
+  commit before a write answers; ``GET /items/{id}`` reads through a read-only session
+  (``dbpool.session(read_only=True)``: no transaction round trips);
 * ``GET /items/export.csv``: a streamed body that reads the database while it streams;
 * ``GET /reports/slow``: a route with its own statement timeout (2 s, then 504);
 * ``GET /reports/summary``: independent queries in parallel (``dbpool.session_factory``);
@@ -121,6 +122,8 @@ app = FastAPI(title="fastapi-dbpool example", lifespan=lifespan)
 dbpool.install(app)
 
 DBSession = Annotated[AsyncSession, Depends(dbpool.get_session)]
+# Reads of one row need no transaction: one round trip instead of BEGIN/SELECT/ROLLBACK.
+ReadSession = Annotated[AsyncSession, Depends(dbpool.session(read_only=True))]
 ReportSession = Annotated[AsyncSession, Depends(dbpool.session(timeout=SLOW_REPORT_TIMEOUT))]
 SessionFactory = Annotated[dbpool.SessionFactory, Depends(dbpool.session_factory)]
 
@@ -171,8 +174,8 @@ async def export_items(session: DBSession) -> StreamingResponse:
 
 
 @app.get("/items/{item_id}")
-async def read_item(item_id: int, session: DBSession) -> ItemOut:
-    """One item; 404 when it does not exist."""
+async def read_item(item_id: int, session: ReadSession) -> ItemOut:
+    """One item; 404 when it does not exist (a read-only session)."""
     item = await session.get(Item, item_id)
     if item is None:
         raise _not_found(item_id)
