@@ -16,7 +16,9 @@ from starlette.applications import Starlette
 
 from .context import STATE_KEY
 from .errors import NotInstalledError
-from .metrics import EXPORTER_STATE_KEY, MetricsExporter, registry_of
+from .http_metrics import registry_of
+from .metrics import EXPORTER_STATE_KEY
+from .metrics_multiprocess import MetricsExporter
 from .runtime import DBPoolRuntime
 from .settings import DBPoolSettings
 

@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .context import STATE_KEY, current_request
 from .errors import CheckoutTimeoutError, CircuitOpenError, NotInstalledError
-from .metrics import HTTPMetrics
+from .http_metrics import HTTPMetrics
 from .requests import RequestContext, scope_route
 from .responses import ErrorResponse, map_exception
 from .runtime import DBPoolRuntime
