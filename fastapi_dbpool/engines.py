@@ -87,7 +87,7 @@ class Database:
         self.budget = budget
         self.server = server
         self.checked_out: dict[int, Checkout] = {}
-        self.max_waiting = settings.max_waiting or 10 * budget.max_size
+        self.max_waiting = settings.max_waiting or 20 * budget.max_size
         #: Set by the runtime: where leaks are reported.
         self.leaks: LeakTracker | None = None
         self.stats = PoolStats()

@@ -176,7 +176,7 @@ class DBPoolSettings:
     )
     """Requests that may wait for a pooled connection at once; one more is answered 503 at
     once instead of joining a queue it cannot get through in DB_CHECKOUT_TIMEOUT. Default:
-    10 x (pool_size + max_overflow). Under a burst of thousands, an unbounded queue costs
+    20 x (pool_size + max_overflow). Under a burst of thousands, an unbounded queue costs
     memory and garbage-collection time until nothing is served in time."""
 
     connect_timeout: float = _setting(5.0, "DB_CONNECT_TIMEOUT", float, "seconds to connect")
