@@ -6,16 +6,21 @@
 * ``production`` - the same with ``pool_pre_ping=True``, as deployment guides recommend.
 * ``dbpool`` - fastapi_dbpool with every feature on except the HTTP metrics.
 * ``dbpool_instr`` - the same plus prometheus-fastapi-instrumentator's HTTP metrics.
+* ``dbpool_ro`` - the ``dbpool`` variant with its routes declared read-only
+  (``Depends(dbpool.session(read_only=True))``): statements in autocommit, no BEGIN or
+  ROLLBACK round trips.
 * ``asyncpg`` - the floor: FastAPI with a raw asyncpg pool, no SQLAlchemy.
 
 Routes: ``/select1`` (``SELECT 1``), ``/items/{id}`` (a primary-key lookup),
 ``/hold?seconds=`` (holds its connection on the server, for the burst), ``/health/live``.
 Every variant gets the same pool size; ``app_from_env`` builds one for ``uvicorn
---factory`` from ``BENCH_*`` environment variables.
+--factory`` from ``BENCH_*`` environment variables, with ``/bench/opened`` (the database
+connections the server's pool has opened so far: pool churn shows there).
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -25,26 +30,51 @@ from typing import Any
 import asyncpg
 from fastapi import Depends, FastAPI, HTTPException
 from prometheus_client import CollectorRegistry
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.pool import Pool
 
 import fastapi_dbpool as dbpool
 
 from .common import ITEMS_TABLE, asyncpg_dsn, dbpool_settings_fields
 
-VARIANTS = ("bare", "production", "dbpool", "dbpool_instr", "asyncpg")
+#: Whether this checkout of the library has read-only routes (``session(read_only=True)``).
+READ_ONLY_ROUTES = "read_only" in inspect.signature(dbpool.session).parameters
+
+#: The variants of the HTTP and in-process comparisons; ``dbpool_ro`` only when the
+#: library has read-only routes (a missing feature is reported, not faked).
+VARIANTS: tuple[str, ...] = (
+    "bare",
+    "production",
+    "dbpool",
+    "dbpool_instr",
+    *(("dbpool_ro",) if READ_ONLY_ROUTES else ()),
+    "asyncpg",
+)
 
 LABELS = {
     "bare": "plain, bare (pre_ping off)",
     "production": "plain, production (pre_ping on)",
     "dbpool": "fastapi_dbpool, all features",
     "dbpool_instr": "fastapi_dbpool + instrumentator",
+    "dbpool_ro": "fastapi_dbpool, read-only route",
     "asyncpg": "raw asyncpg pool (floor)",
 }
 
 #: ``application_name`` of each variant's connections (counted in pg_stat_activity).
 APPLICATION_NAME = "dbpool-bench"
+
+#: Database connections opened in this process by the variants' pools (``/bench/opened``).
+_opened = {"connections": 0}
+
+
+def _count_connection(*_: Any) -> None:
+    _opened["connections"] += 1
+
+
+async def _count_asyncpg_connection(conn: Any) -> None:
+    _count_connection()
 
 
 class Base(DeclarativeBase):
@@ -151,11 +181,20 @@ def dbpool_settings(config: AppConfig, **overrides: Any) -> dbpool.DBPoolSetting
     return dbpool.DBPoolSettings(**{k: v for k, v in values.items() if k in known})
 
 
-def dbpool_app(config: AppConfig, **overrides: Any) -> FastAPI:
-    """fastapi_dbpool wired with ``install``, its own Prometheus registry."""
+def dbpool_app(config: AppConfig, *, read_only: bool = False, **overrides: Any) -> FastAPI:
+    """fastapi_dbpool wired with ``install``, its own Prometheus registry.
+
+    ``read_only``: the routes take ``Depends(dbpool.session(read_only=True))`` instead of
+    ``Depends(dbpool.get_session)``; everything else is the same.
+    """
     app = FastAPI()
     dbpool.install(app, settings=dbpool_settings(config, **overrides), registry=CollectorRegistry())
-    _add_session_routes(app, dbpool.get_session)
+    if read_only:
+        if not READ_ONLY_ROUTES:
+            raise RuntimeError("this checkout of fastapi_dbpool has no session(read_only=True)")
+        _add_session_routes(app, dbpool.session(read_only=True))
+    else:
+        _add_session_routes(app, dbpool.get_session)
     return app
 
 
@@ -170,6 +209,7 @@ def asyncpg_app(config: AppConfig) -> FastAPI:
             min_size=config.pool_size,
             max_size=config.pool_size + config.max_overflow,
             server_settings={"application_name": APPLICATION_NAME},
+            init=_count_asyncpg_connection,
         )
         try:
             yield
@@ -214,6 +254,8 @@ def build_app(variant: str, config: AppConfig, **overrides: Any) -> FastAPI:
         return dbpool_app(config, **overrides)
     if variant == "dbpool_instr":
         return dbpool_app(config, **{"http_metrics": True, **overrides})
+    if variant == "dbpool_ro":
+        return dbpool_app(config, read_only=True, **overrides)
     if variant == "asyncpg":
         return asyncpg_app(config)
     raise ValueError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
@@ -228,4 +270,13 @@ def app_from_env() -> FastAPI:
         max_overflow=int(env.get("BENCH_MAX_OVERFLOW", "10")),
         checkout_timeout=float(env.get("BENCH_CHECKOUT_TIMEOUT", "30")),
     )
-    return build_app(env["BENCH_VARIANT"], config)
+    # Every SQLAlchemy pool of this process (one variant per server process).
+    event.listen(Pool, "connect", _count_connection)
+    app = build_app(env["BENCH_VARIANT"], config)
+
+    # After the app's own routes: routing to those costs nothing more.
+    @app.get("/bench/opened")
+    async def connections_opened() -> dict[str, int]:
+        return dict(_opened)
+
+    return app

@@ -3,14 +3,19 @@
 Each variant runs in its own uvicorn process, all of them started once and kept up for
 the whole comparison; the load generator is another process (wrk, one thread, or the
 Python generator of :mod:`benchmarks.loadgen`). Each round runs every (route,
-concurrency) case against every variant in rotated order. Besides requests/s and wrk's
-p50/p99, the server process's CPU time per request is read from ``/proc``: it is steadier
-than requests/s when something else on the machine takes a core for a moment.
+concurrency) case against every variant in rotated order. Throughput counts served (2xx)
+requests only: a variant that refuses with 503 (admission control) is not faster for it.
+Besides that and wrk's p50/p99, the server process's CPU time per served request is read
+from ``/proc`` (steadier than requests/s when something else on the machine takes a core
+for a moment), and the connections its pool opened during the run (``/bench/opened``),
+which shows pool churn: SQLAlchemy's queue pool closes an overflow connection that comes
+back to a full queue, and opens another for the next checkout.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import signal
@@ -26,12 +31,14 @@ from pathlib import Path
 
 from .apps import LABELS, VARIANTS, AppConfig
 from .common import (
+    READ_ONLY_GOAL,
     REPO_ROOT,
     BenchContext,
     Report,
     Spread,
     Table,
     Target,
+    deltas,
     fmt_float,
     fmt_int,
     ratios,
@@ -59,6 +66,7 @@ class UvicornServer:
         self.port = free_port()
         self.log_path = log_dir / f"{variant}.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.interrupted = False
 
     def start(self) -> None:
         env = {
@@ -118,6 +126,15 @@ class UvicornServer:
         ticks = int(fields[11]) + int(fields[12])  # utime, stime
         return ticks / os.sysconf("SC_CLK_TCK")
 
+    def connections_opened(self) -> float:
+        """Database connections the server's pool has opened so far (``/bench/opened``)."""
+        url = f"http://127.0.0.1:{self.port}/bench/opened"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return float(json.loads(response.read())["connections"])
+        except (OSError, ValueError, KeyError):
+            return math.nan
+
     def rss_mib(self) -> float:
         assert self.process is not None
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
@@ -125,10 +142,20 @@ class UvicornServer:
                 return int(line.split()[1]) / 1024
         return math.nan
 
+    def interrupt(self) -> None:
+        """Ask the server to shut down (SIGINT, as Ctrl-C); :meth:`stop` waits for it.
+
+        Once only: a second SIGINT makes uvicorn skip the lifespan shutdown.
+        """
+        if self.interrupted or self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGINT)
+        self.interrupted = True
+
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return
-        self.process.send_signal(signal.SIGINT)
+        self.interrupt()
         try:
             self.process.wait(timeout=20)
         except subprocess.TimeoutExpired:
@@ -153,6 +180,9 @@ def servers(variants: list[str], config: AppConfig) -> Iterator[dict[str, Uvicor
                 server.wait_ready()
             yield started
         finally:
+            # All at once: each takes a few hundred milliseconds to shut down.
+            for server in started.values():
+                server.interrupt()
             for server in started.values():
                 server.stop()
 
@@ -163,16 +193,31 @@ class Run:
 
     load: LoadResult
     server_cpu_us: float
+    """The server's CPU per *served* (2xx) request: refusals are part of what serving cost."""
+    opened: float
+    """Database connections the server's pool opened during the run."""
+
+    @property
+    def served(self) -> int:
+        return self.load.requests - self.load.non_2xx
 
     @property
     def rps(self) -> float:
-        return self.load.rps
+        """Served (2xx) requests per second: a cheap 503 is not throughput."""
+        duration = self.load.duration_s
+        return self.served / duration if duration > 0 else math.nan
+
+    @property
+    def opened_per_1k(self) -> float:
+        """Connections opened per 1,000 answered requests (pool churn)."""
+        return self.opened / self.load.requests * 1000 if self.load.requests else math.nan
 
 
 def load(
     ctx: BenchContext, server: UvicornServer, path: str, connections: int, duration: float
 ) -> Run:
     generate = run_wrk if ctx.use_wrk else run_python
+    opened0 = server.connections_opened()
     cpu0 = server.cpu_seconds()
     result = generate(
         server.port,
@@ -182,8 +227,10 @@ def load(
         max_id=ctx.profile.items,
     )
     cpu1 = server.cpu_seconds()
-    per_request = (cpu1 - cpu0) / result.requests * 1e6 if result.requests else math.nan
-    return Run(result, per_request)
+    opened1 = server.connections_opened()
+    served = result.requests - result.non_2xx
+    per_request = (cpu1 - cpu0) / served * 1e6 if served else math.nan
+    return Run(result, per_request, opened1 - opened0)
 
 
 def run(ctx: BenchContext) -> Report:
@@ -230,8 +277,11 @@ def run(ctx: BenchContext) -> Report:
         )
         report.targets.extend(http_targets(route, concurrency, results[(route, concurrency)]))
     report.notes.append(
-        "speed = variant req/s / baseline req/s within each round: median (lowest-highest); "
-        "server CPU = the uvicorn process's user+system CPU per request."
+        "served req/s = 2xx answers per second (a 503 is not throughput); speed = variant "
+        "served req/s / baseline served req/s within each round: median (lowest-highest); "
+        "server CPU = the uvicorn process's user+system CPU per served request; p50/p99 = "
+        "wrk's latency over every answer, refusals included; new conns/1k req = database "
+        "connections the server's pool opened per 1,000 answers (pool churn)."
     )
     report.notes.append(
         "instrumentator HTTP metrics on /metrics of the dbpool_instr server: "
@@ -247,7 +297,15 @@ def run(ctx: BenchContext) -> Report:
         "server_rss_mib": rss,
         "runs": {
             f"{route}@{c}": {
-                v: [{**r.load.__dict__, "rps": r.rps, "server_cpu_us": r.server_cpu_us} for r in rs]
+                v: [
+                    {
+                        **r.load.__dict__,
+                        "served_rps": r.rps,
+                        "server_cpu_us_per_served": r.server_cpu_us,
+                        "connections_opened": r.opened,
+                    }
+                    for r in rs
+                ]
                 for v, rs in by_variant.items()
             }
             for (route, c), by_variant in results.items()
@@ -269,13 +327,14 @@ def http_table(title: str, by_variant: dict[str, list[Run]]) -> Table:
         title,
         [
             "variant",
-            "req/s",
+            "served req/s",
             "p50 ms",
             "p99 ms",
             "server CPU us/req",
             "speed vs bare",
             "speed vs production",
             "non-2xx/errors",
+            "new conns/1k req",
         ],
     )
     bare = [r.rps for r in by_variant["bare"]]
@@ -291,6 +350,15 @@ def http_table(title: str, by_variant: dict[str, list[Run]]) -> Table:
             ratios(rps, bare).ratio_text(),
             ratios(rps, production).ratio_text(),
             f"{sum(r.load.non_2xx for r in runs)}/{sum(r.load.socket_errors for r in runs)}",
+            fmt_float(Spread.of([r.opened_per_1k for r in runs]).median, 1),
+        )
+    if "dbpool_ro" in by_variant and "dbpool" in by_variant:
+        ro = [r.rps for r in by_variant["dbpool_ro"]]
+        ro_cpu = [r.server_cpu_us for r in by_variant["dbpool_ro"]]
+        table.notes.append(
+            f"{LABELS['dbpool_ro']} vs {LABELS['dbpool']}: speed "
+            f"{ratios(ro, [r.rps for r in by_variant['dbpool']]).ratio_text()}, server CPU "
+            f"{deltas(ro_cpu, [r.server_cpu_us for r in by_variant['dbpool']]).delta_text(' us')}"
         )
     return table
 
@@ -308,8 +376,28 @@ def http_targets(route: str, concurrency: int, by_variant: dict[str, list[Run]])
                 f"HTTP req/s, {ROUTE_TITLES[route]} @{concurrency}, {LABELS[variant]}",
                 ">= 1.00x bare and > 1.00x production",
                 f"{vs_bare.ratio_text()} bare, {vs_prod.ratio_text()} production"
-                + (f", {errors} errors" if errors else ""),
+                + (f", {errors} non-2xx/errors" if errors else ""),
                 vs_bare.median >= 1.0 and vs_prod.median > 1.0 and errors == 0,
             )
         )
+    targets.append(read_only_target(route, concurrency, by_variant))
     return targets
+
+
+def read_only_target(route: str, concurrency: int, by_variant: dict[str, list[Run]]) -> Target:
+    """Read-only routes: at least 1.5x the production baseline's requests/s."""
+    name = f"HTTP req/s, {ROUTE_TITLES[route]} @{concurrency}, {LABELS['dbpool_ro']}"
+    goal = f">= {READ_ONLY_GOAL:.2f}x production"
+    if "dbpool_ro" not in by_variant:
+        return Target(name, goal, "no dbpool.session(read_only=True) in this checkout", None)
+    rps = [r.rps for r in by_variant["dbpool_ro"]]
+    vs_bare = ratios(rps, [r.rps for r in by_variant["bare"]])
+    vs_prod = ratios(rps, [r.rps for r in by_variant["production"]])
+    errors = sum(r.load.non_2xx + r.load.socket_errors for r in by_variant["dbpool_ro"])
+    return Target(
+        name,
+        goal,
+        f"{vs_prod.ratio_text()} production, {vs_bare.ratio_text()} bare"
+        + (f", {errors} non-2xx/errors" if errors else ""),
+        vs_prod.median >= READ_ONLY_GOAL and errors == 0,
+    )

@@ -21,8 +21,9 @@ from typing import Any
 
 import httpx
 
-from .apps import LABELS, AppConfig, build_app
+from .apps import LABELS, VARIANTS, AppConfig, build_app
 from .common import (
+    READ_ONLY_GOAL,
     BenchContext,
     Report,
     Spread,
@@ -35,8 +36,6 @@ from .common import (
     run_async,
     running,
 )
-
-VARIANTS = ("bare", "production", "dbpool", "dbpool_instr", "asyncpg")
 
 #: Route name, path for request ``i``.
 ROUTES: dict[str, Callable[[int, int], str]] = {
@@ -200,6 +199,13 @@ def overhead_table(
             deltas(cpu, production).delta_text(" us"),
             sum(b.errors for b in batches),
         )
+    if "dbpool_ro" in by_variant and "dbpool" in by_variant:
+        ro = [b.cpu_us for b in by_variant["dbpool_ro"]]
+        features = [b.cpu_us for b in by_variant["dbpool"]]
+        table.notes.append(
+            f"{LABELS['dbpool_ro']} vs {LABELS['dbpool']}: speed "
+            f"{ratios(features, ro).ratio_text()}, {deltas(ro, features).delta_text(' us')}"
+        )
     return table
 
 
@@ -226,4 +232,26 @@ def overhead_targets(results: dict[str, dict[str, list[Batch]]]) -> list[Target]
                     met,
                 )
             )
+        targets.append(read_only_target(route, by_variant))
     return targets
+
+
+def read_only_target(route: str, by_variant: dict[str, list[Batch]]) -> Target:
+    """Read-only routes: at least 1.5x the production baseline (CPU per request)."""
+    name = f"in-process CPU, {ROUTE_TITLES[route]}, {LABELS['dbpool_ro']}"
+    goal = f">= {READ_ONLY_GOAL:.2f}x production"
+    if "dbpool_ro" not in by_variant:
+        return Target(name, goal, "no dbpool.session(read_only=True) in this checkout", None)
+    cpu = [b.cpu_us for b in by_variant["dbpool_ro"]]
+    vs_bare = ratios([b.cpu_us for b in by_variant["bare"]], cpu)
+    vs_prod = ratios([b.cpu_us for b in by_variant["production"]], cpu)
+    errors = sum(b.errors for b in by_variant["dbpool_ro"])
+    return Target(
+        name,
+        goal,
+        f"{vs_prod.ratio_text()} production, {vs_bare.ratio_text()} bare"
+        + (f", {errors} errors" if errors else ""),
+        None
+        if not math.isfinite(vs_prod.median)
+        else (vs_prod.median >= READ_ONLY_GOAL and errors == 0),
+    )

@@ -59,7 +59,18 @@ async def test_every_benchmark_runs_with_tiny_sizes(database_url: str, tmp_path:
     for run in results["burst"]["data"]["dbpool"]:
         assert run["served"] + run["shed_503"] == run["requests"], run
         assert run["checked_out_after"] == 0, run
+    # The read-only variant (Depends(dbpool.session(read_only=True))) ran and answered 200.
+    assert results["http"]["features"]["read_only_routes"] == "implemented (read_only)"
+    for case, by_variant in results["http"]["data"]["runs"].items():
+        assert by_variant["dbpool_ro"], case
+        assert all(r["non_2xx"] == 0 and r["requests"] > 0 for r in by_variant["dbpool_ro"]), case
+        # /bench/opened answered on every server (NaN when it did not).
+        assert all(r["connections_opened"] >= 0 for rs in by_variant.values() for r in rs), case
+    for route, by_variant in results["overhead"]["data"]["batches"].items():
+        assert by_variant["dbpool_ro"], route
+        assert all(b["errors"] == 0 for b in by_variant["dbpool_ro"]), route
     assert "Targets of issue 5" in proc.stdout
+    assert "read-only route" in proc.stdout
 
 
 def _results(directory: Path) -> list[Path]:
