@@ -32,7 +32,7 @@ from .errors import ConfigurationError, DatabaseUnavailableError, DeadlineExceed
 from .failover import FailoverConnector
 from .leaks import USED_AFTER_REQUEST, Checkout, LeakTracker, capture_stack
 from .pool import InstrumentedQueuePool, PoolStats, attach
-from .sessions import READ_ONLY_KEY
+from .sessions import AUTOCOMMIT_KEY, READ_ONLY_KEY
 from .settings import DBPoolSettings, safe_url
 from .sizing import BudgetError, PoolBudget, ServerLimits, plan_pool
 from .telemetry import CLIENT_DEADLINE, LOCK_TIMEOUT, STATEMENT_TIMEOUT
@@ -126,8 +126,10 @@ class Database:
         )
         # Read-only routes: each statement is its own implicit transaction, so a request
         # costs the statement's round trip alone, not BEGIN + statement + ROLLBACK.
+        # (sessions.py switches the connection's driver to autocommit when such a session
+        # begins; the checkin event below switches it back.)
         self.read_only_sessionmaker: async_sessionmaker[Any] = async_sessionmaker(
-            self.engine.execution_options(isolation_level="AUTOCOMMIT"),
+            self.engine,
             class_=session_class,
             expire_on_commit=False,
             info={READ_ONLY_KEY: True},
@@ -273,6 +275,8 @@ class Database:
                     otel.checked_in(now - checkout.started)
                 if checkout.reported is not None and self.leaks is not None:
                     self.leaks.returned(self, checkout, now)
+            if record.info.pop(AUTOCOMMIT_KEY, False) and dbapi_connection is not None:
+                dbapi_connection.autocommit = False
             if record.info.pop(_CLIENT_TIMEOUT_CHANGED, False) and dbapi_connection is not None:
                 driver = dbapi_connection.driver_connection
                 driver._config = driver._config._replace(command_timeout=default_client_timeout)

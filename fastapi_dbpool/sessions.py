@@ -29,6 +29,8 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 TIMEOUT_KEY = "dbpool_timeout"
 DATABASE_KEY = "dbpool_database"
 READ_ONLY_KEY = "dbpool_read_only"
+#: Key of ``ConnectionPoolEntry.info``: the driver was switched to autocommit.
+AUTOCOMMIT_KEY = "dbpool_autocommit"
 
 _MIDDLEWARE_MISSING = (
     "get_session needs DBPoolMiddleware: add `app.add_middleware(dbpool.DBPoolMiddleware)` "
@@ -113,9 +115,20 @@ class RequestSession(AsyncSession):
 def _apply_route_timeout(
     session: Session, transaction: SessionTransaction, conn: Connection
 ) -> None:
+    info = session.info
+    if info.get(READ_ONLY_KEY):
+        # A read-only session: no BEGIN, no ROLLBACK. The driver sends a statement in a
+        # transaction block only when it is not in autocommit; the pool's checkin switches
+        # it back, so the connection's next user gets a transaction as usual. Cheaper than
+        # an AUTOCOMMIT execution option, which SQLAlchemy sets and resets at every
+        # checkout through its option engine.
+        fairy = conn.connection
+        fairy.dbapi_connection.autocommit = True  # type: ignore[union-attr]
+        fairy.info[AUTOCOMMIT_KEY] = True
+        return
     # Only sessions with a per-route timeout pay this round trip; the default
     # statement_timeout was set when the connection was opened.
-    _set_route_timeout(session.info, conn)
+    _set_route_timeout(info, conn)
 
 
 def _set_route_timeout(info: dict[Any, Any], conn: Connection) -> None:

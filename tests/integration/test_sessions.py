@@ -362,7 +362,8 @@ async def test_background_task_survives_the_client_leaving_after_the_response(
 
 async def test_read_only_session_costs_no_transaction_round_trips(database_url: str) -> None:
     await create_items(database_url)
-    app = make_app(settings_for(database_url, application_name="dbpool-ro"))
+    # One connection: the transactional request below reuses the read-only one's.
+    app = make_app(settings_for(database_url, application_name="dbpool-ro", pool_size=1))
     admin = await asyncpg.connect(plain_dsn(database_url))
     await admin.execute("INSERT INTO items (name) VALUES ('a'), ('b')")
 
@@ -393,7 +394,8 @@ async def test_read_only_session_costs_no_transaction_round_trips(database_url: 
     try:
         async with client_for(app) as client:
             assert (await client.get("/count")).json() == {"n": 2, "in_block": False}
-            # Control: in a transaction block both statements share one transaction.
+            # The same connection, next user: back in a transaction block, where both
+            # statements share one transaction.
             assert (await client.get("/tx-count")).json() == {"in_block": True}
             with pytest.raises(dbpool.ReadOnlySessionError, match="read-only"):
                 await client.post("/sneaky-write")
