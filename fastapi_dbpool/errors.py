@@ -70,9 +70,5 @@ class ConcurrentSessionUseError(DBPoolError, RuntimeError):
     """The request's session was used by two tasks at once."""
 
 
-class SessionClosedError(DBPoolError, RuntimeError):
-    """The request's session was used after its request had completed."""
-
-
 class ReadOnlySessionError(DBPoolError, RuntimeError):
     """A write was attempted through a ``read_only=True`` session."""
