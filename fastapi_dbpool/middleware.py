@@ -53,6 +53,16 @@ class DBPoolMiddleware:
         self._entry: ASGIApp = HTTPMetrics(self._serve, registry)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            state = scope.get("state")
+            runtime = state.get(STATE_KEY) if state else None
+            if not isinstance(runtime, DBPoolRuntime):
+                raise NotInstalledError(LIFESPAN_MISSING)
+            if not runtime.settings.http_metrics:
+                # No HTTP metrics: straight to the request, no wrapper layer to pass through
+                # at every await of the request.
+                await self._request(runtime, scope, receive, send)
+                return
         await self._entry(scope, receive, send)
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -64,97 +74,106 @@ class DBPoolMiddleware:
         runtime = state.get(STATE_KEY) if state else None
         if not isinstance(runtime, DBPoolRuntime):
             raise NotInstalledError(LIFESPAN_MISSING)
+        if kind == "http":
+            await self._request(runtime, scope, receive, send)
+            return
         ctx = RequestContext(runtime, scope, receive)
         token = current_request.set(ctx)
         runtime.request_started()
         try:
-            if kind == "http":
-                await self._http(ctx, runtime, send)
-            else:
-                try:
-                    await self.app(scope, receive, send)
-                finally:
+            await self.app(scope, receive, send)
+        finally:
+            try:
+                await ctx.finish()
+            finally:
+                runtime.request_finished()
+                current_request.reset(token)
+
+    async def _request(
+        self, runtime: DBPoolRuntime, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        ctx = RequestContext(runtime, scope, receive)
+        token = current_request.set(ctx)
+        runtime.request_started()
+        try:
+            started = False
+            stream_open = False
+            replaced = False
+            autocommit = runtime.settings.autocommit
+
+            async def send_wrapper(message: Message) -> None:
+                nonlocal started, stream_open, replaced
+                if replaced:
+                    return
+                kind = message["type"]
+                if kind == "http.response.start":
+                    started = True
+                    if ctx.has_sessions:
+                        status = message["status"]
+                        if autocommit and status < 400:
+                            try:
+                                await ctx.commit()
+                            except Exception as exc:
+                                # No 2xx for a write that did not commit.
+                                replaced = True
+                                await ctx.release()
+                                await _send_error(send, _commit_failure(exc, runtime))
+                                return
+                        if _has_content_length(message):
+                            await ctx.release()
+                        else:
+                            stream_open = True
+                elif kind == "http.response.body" and not message.get("more_body"):
+                    # The response is complete: a disconnect from now on is the client leaving
+                    # normally, not a reason to cancel what still runs (BackgroundTasks).
+                    ctx.response_complete()
+                    if stream_open:
+                        stream_open = False
+                        await ctx.release()
+                await send(message)
+
+            try:
+                await self.app(ctx.scope, ctx.receive, send_wrapper)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not ctx.cancelled_on_disconnect or task is None:
                     await ctx.finish()
+                    raise
+                # We cancelled the handler because the client left; nobody awaits a response.
+                task.uncancel()
+                await ctx.finish()
+                return
+            except Exception as exc:
+                mapped = map_exception(exc, checkout_timeout=runtime.settings.checkout_timeout)
+                await ctx.finish()
+                if mapped is None or started:
+                    raise
+                # While the breaker is open, or the pool is saturated, many requests are refused
+                # at once: they are counted in metrics and stay at DEBUG here rather than flood
+                # the log.
+                level = (
+                    logging.DEBUG
+                    if isinstance(exc, CircuitOpenError | CheckoutTimeoutError)
+                    else logging.WARNING
+                )
+                logger.log(
+                    level,
+                    ANSWERED_MESSAGE,
+                    mapped.status,
+                    type(exc).__name__,
+                    scope_route(ctx.scope),
+                    extra={
+                        "status": mapped.status,
+                        "error": type(exc).__name__,
+                        "route": scope_route(ctx.scope),
+                    },
+                )
+                await _send_error(send, mapped)
+                return
+            await ctx.finish()
         finally:
             runtime.request_finished()
             current_request.reset(token)
-
-    async def _http(self, ctx: RequestContext, runtime: DBPoolRuntime, send: Send) -> None:
-        started = False
-        stream_open = False
-        replaced = False
-        autocommit = runtime.settings.autocommit
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal started, stream_open, replaced
-            if replaced:
-                return
-            kind = message["type"]
-            if kind == "http.response.start":
-                started = True
-                if ctx.has_sessions:
-                    status = message["status"]
-                    if autocommit and status < 400:
-                        try:
-                            await ctx.commit()
-                        except Exception as exc:
-                            # No 2xx for a write that did not commit.
-                            replaced = True
-                            await ctx.release()
-                            await _send_error(send, _commit_failure(exc, runtime))
-                            return
-                    if _has_content_length(message):
-                        await ctx.release()
-                    else:
-                        stream_open = True
-            elif kind == "http.response.body" and not message.get("more_body"):
-                # The response is complete: a disconnect from now on is the client leaving
-                # normally, not a reason to cancel what still runs (BackgroundTasks).
-                ctx.response_complete()
-                if stream_open:
-                    stream_open = False
-                    await ctx.release()
-            await send(message)
-
-        try:
-            await self.app(ctx.scope, ctx.receive, send_wrapper)
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if not ctx.cancelled_on_disconnect or task is None:
-                await ctx.finish()
-                raise
-            # We cancelled the handler because the client left; nobody awaits a response.
-            task.uncancel()
-            await ctx.finish()
-            return
-        except Exception as exc:
-            mapped = map_exception(exc, checkout_timeout=runtime.settings.checkout_timeout)
-            await ctx.finish()
-            if mapped is None or started:
-                raise
-            # While the breaker is open, or the pool is saturated, many requests are refused
-            # at once: they are counted in metrics and stay at DEBUG here rather than flood
-            # the log.
-            level = (
-                logging.DEBUG
-                if isinstance(exc, CircuitOpenError | CheckoutTimeoutError)
-                else logging.WARNING
-            )
-            logger.log(
-                level,
-                ANSWERED_MESSAGE,
-                mapped.status,
-                type(exc).__name__,
-                scope_route(ctx.scope),
-                extra={
-                    "status": mapped.status,
-                    "error": type(exc).__name__,
-                    "route": scope_route(ctx.scope),
-                },
-            )
-            await _send_error(send, mapped)
-            return
-        await ctx.finish()
 
 
 def _has_content_length(message: Message) -> bool:
