@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 import fastapi_dbpool as dbpool
 from fastapi_dbpool import get_session
+from tests.helpers import wait_until
 from tests.helpers.apps import client_for, make_app, serve, settings_for
 from tests.integration.test_sessions import checked_out, create_items, plain_dsn
 
@@ -31,18 +32,6 @@ async def activity(url: str, application_name: str) -> list[asyncpg.Record]:
         )
     finally:
         await conn.close()
-
-
-async def wait_for(predicate, timeout: float, what: str) -> float:  # type: ignore[no-untyped-def]
-    """Poll an async predicate until it holds; return the seconds it took."""
-    start = time.monotonic()
-    deadline = start + timeout
-    while True:
-        if await predicate():
-            return time.monotonic() - start
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not true within {timeout}s")
-        await asyncio.sleep(0.02)
 
 
 async def test_no_pooled_connection_within_checkout_timeout_is_503_with_retry_after(
@@ -189,16 +178,18 @@ async def test_client_disconnect_cancels_the_query_and_frees_the_connection(
         async with httpx.AsyncClient(base_url=base_url) as client:
             request = asyncio.create_task(client.get("/long"))
             await asyncio.wait_for(started.wait(), 5)
-            await wait_for(query_running, 5, "pg_sleep running on the server")
+            await wait_until(query_running, 5, message="pg_sleep running on the server")
             request.cancel()  # the client gives up and closes its connection
             with pytest.raises(asyncio.CancelledError):
                 await request
-        took = await wait_for(query_gone, 3, "query cancelled on the server")
+        cancelled_at = time.monotonic()
+        await wait_until(query_gone, 3, message="query cancelled on the server")
+        took = time.monotonic() - cancelled_at
 
         async def pool_free() -> bool:
             return checked_out(app) == 0
 
-        await wait_for(pool_free, 3, "connection back in the pool")
+        await wait_until(pool_free, 3, message="connection back in the pool")
         rows = await activity(database_url, "dbpool-disc")
         assert not [r for r in rows if r["state"] in ("idle in transaction", "active")]
     assert took < 1.0 + 0.25
@@ -331,7 +322,7 @@ async def test_a_full_queue_answers_503_at_once_instead_of_waiting(database_url:
         await asyncio.wait_for(holding.wait(), 5)
         db = dbpool.get_runtime(app).databases["primary"]
         queued = [asyncio.create_task(client.get("/query")) for _ in range(2)]
-        await wait_for(_async(lambda: db.stats.waiting == 2), 5, "two requests queued")
+        await wait_until(lambda: db.stats.waiting == 2, 5, message="two requests queued")
         started = time.monotonic()
         refused = await client.get("/query")
         took = time.monotonic() - started
@@ -344,10 +335,3 @@ async def test_a_full_queue_answers_503_at_once_instead_of_waiting(database_url:
     assert took < 0.5  # not the 5 s checkout timeout
     assert [r.status_code for r in served] == [200, 200, 200]
     assert refusals == 1
-
-
-def _async(predicate):  # type: ignore[no-untyped-def]
-    async def check() -> bool:
-        return bool(predicate())
-
-    return check
