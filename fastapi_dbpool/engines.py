@@ -255,7 +255,7 @@ class Database:
             )
             checked_out[id(record)] = checkout
             if owner is not None:
-                owner.checkouts += 1
+                owner.held += 1
                 if owner.finished and self.leaks is not None:
                     # The request is over, yet something it handed out took a connection.
                     self.leaks.report(self, checkout, USED_AFTER_REQUEST, now)
@@ -270,6 +270,8 @@ class Database:
             checkout = checked_out.pop(id(record), None)
             if checkout is not None:
                 use_time.observe(now - checkout.started)
+                if checkout.owner is not None:
+                    checkout.owner.held -= 1
                 otel = self.stats.otel
                 if otel is not None:
                     otel.checked_in(now - checkout.started)

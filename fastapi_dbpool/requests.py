@@ -45,10 +45,10 @@ class RequestContext:
         "_timer",
         "_watcher",
         "cancelled_on_disconnect",
-        "checkouts",
         "extra_sessions",
         "failed",
         "finished",
+        "held",
         "runtime",
         "scope",
         "sessions",
@@ -62,7 +62,8 @@ class RequestContext:
         self.extra_sessions: set[AsyncSession] | None = None
         self.finished = False
         self.failed = False
-        self.checkouts = 0
+        #: Connections this request took that are not back in the pool yet.
+        self.held = 0
         self.task: asyncio.Task[Any] | None = None
         self.cancelled_on_disconnect = False
         self._receive = receive
@@ -159,7 +160,7 @@ class RequestContext:
             self._watcher.cancel()
         await self.release()
         self.finished = True
-        if self.checkouts:
+        if self.held:
             runtime = self.runtime
             runtime.leaks.request_finished(self, list(runtime.databases.values()))
         if self.extra_sessions:
