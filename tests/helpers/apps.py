@@ -11,10 +11,13 @@ from typing import Any
 import httpx
 import uvicorn
 from asgi_lifespan import LifespanManager
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from prometheus_client import CollectorRegistry
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
 
 import fastapi_dbpool as dbpool
+from fastapi_dbpool import get_session
 
 
 def settings_for(database_url: str, **overrides: Any) -> dbpool.DBPoolSettings:
@@ -84,3 +87,26 @@ async def serve(app: FastAPI, **config: Any) -> AsyncIterator[str]:
         server.should_exit = True
         async with asyncio.timeout(30):
             await task
+
+
+def holding_app(
+    database_url: str, **overrides: Any
+) -> tuple[FastAPI, asyncio.Event, asyncio.Event]:
+    """An app with ``/hold`` (takes a connection, sets ``holding``, waits for ``release``)
+    and ``/query`` (one ``SELECT 1``)."""
+    app = make_app(settings_for(database_url, **overrides))
+    holding = asyncio.Event()
+    release = asyncio.Event()
+
+    @app.get("/hold")
+    async def hold(session: AsyncSession = Depends(get_session)) -> dict[str, int]:
+        await session.execute(text("SELECT 1"))
+        holding.set()
+        await release.wait()
+        return {"held": 1}
+
+    @app.get("/query")
+    async def query(session: AsyncSession = Depends(get_session)) -> dict[str, int]:
+        return {"value": (await session.execute(text("SELECT 1"))).scalar_one()}
+
+    return app, holding, release

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 import fastapi_dbpool as dbpool
 from fastapi_dbpool import get_session
 from tests.helpers import wait_until
-from tests.helpers.apps import client_for, make_app, serve, settings_for
+from tests.helpers.apps import client_for, holding_app, make_app, serve, settings_for
 from tests.integration.test_sessions import checked_out, create_items, plain_dsn
 
 
@@ -37,20 +37,7 @@ async def activity(url: str, application_name: str) -> list[asyncpg.Record]:
 async def test_no_pooled_connection_within_checkout_timeout_is_503_with_retry_after(
     database_url: str,
 ) -> None:
-    app = make_app(settings_for(database_url, pool_size=1, checkout_timeout=0.5))
-    holding = asyncio.Event()
-    release = asyncio.Event()
-
-    @app.get("/hold")
-    async def hold(session: AsyncSession = Depends(get_session)) -> dict[str, int]:
-        await session.execute(text("SELECT 1"))
-        holding.set()
-        await release.wait()
-        return {"held": 1}
-
-    @app.get("/query")
-    async def query(session: AsyncSession = Depends(get_session)) -> dict[str, int]:
-        return {"value": (await session.execute(text("SELECT 1"))).scalar_one()}
+    app, holding, release = holding_app(database_url, pool_size=1, checkout_timeout=0.5)
 
     async with client_for(app) as client:
         holder = asyncio.create_task(client.get("/hold"))
@@ -303,19 +290,9 @@ async def test_checkout_timeout_error_is_also_sqlalchemys(database_url: str) -> 
 
 
 async def test_a_full_queue_answers_503_at_once_instead_of_waiting(database_url: str) -> None:
-    app = make_app(settings_for(database_url, pool_size=1, checkout_timeout=5.0, max_waiting=2))
-    holding = asyncio.Event()
-    release = asyncio.Event()
-
-    @app.get("/hold")
-    async def hold(session: AsyncSession = Depends(get_session)) -> None:
-        await session.execute(text("SELECT 1"))
-        holding.set()
-        await release.wait()
-
-    @app.get("/query")
-    async def query(session: AsyncSession = Depends(get_session)) -> dict[str, int]:
-        return {"v": (await session.execute(text("SELECT 1"))).scalar_one()}
+    app, holding, release = holding_app(
+        database_url, pool_size=1, checkout_timeout=5.0, max_waiting=2
+    )
 
     async with client_for(app) as client:
         holder = asyncio.create_task(client.get("/hold"))

@@ -39,7 +39,7 @@ from fastapi_dbpool import get_session, telemetry
 from fastapi_dbpool.pool import WAIT_BUCKETS
 from fastapi_dbpool.telemetry import POOL_NAME, STATE
 from tests.helpers import wait_until
-from tests.helpers.apps import client_for, make_app, settings_for
+from tests.helpers.apps import client_for, holding_app, make_app, settings_for
 from tests.helpers.proxy import FaultProxy
 
 
@@ -122,27 +122,6 @@ def sqlalchemy_instrumented(otel: Otel) -> Iterator[None]:
         yield
     finally:
         instrumentor.uninstrument()
-
-
-def holding_app(
-    database_url: str, **overrides: Any
-) -> tuple[FastAPI, asyncio.Event, asyncio.Event]:
-    app = make_app(settings_for(database_url, **overrides))
-    holding = asyncio.Event()
-    release = asyncio.Event()
-
-    @app.get("/hold")
-    async def hold(session: AsyncSession = Depends(get_session)) -> dict[str, int]:
-        await session.execute(text("SELECT 1"))
-        holding.set()
-        await release.wait()
-        return {"held": 1}
-
-    @app.get("/query")
-    async def query(session: AsyncSession = Depends(get_session)) -> dict[str, int]:
-        return {"value": (await session.execute(text("SELECT 1"))).scalar_one()}
-
-    return app, holding, release
 
 
 def server_span(otel: Otel, route: str) -> ReadableSpan:
