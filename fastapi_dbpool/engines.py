@@ -24,7 +24,7 @@ from sqlalchemy.engine import URL, Connection, ExceptionContext
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
-from sqlalchemy.util import await_
+from sqlalchemy.util import await_, greenlet_spawn
 
 from .breaker import CircuitBreaker, is_connection_failure
 from .context import current_request
@@ -120,7 +120,7 @@ class Database:
             connect_args=connect_args(settings),
             **extra,
         )
-        attach(self.engine.sync_engine.pool, self.stats, self.breaker)
+        attach(self.engine.sync_engine.pool, self.stats, self.breaker, settings.pool_overflow_idle)
         self.sessionmaker: async_sessionmaker[Any] = async_sessionmaker(
             self.engine, class_=session_class, expire_on_commit=False
         )
@@ -199,6 +199,17 @@ class Database:
                 len(conns),
                 type(failures[0]).__name__,
             )
+
+    async def close_idle_overflow(self) -> int:
+        """Close the connections beyond ``pool_size`` idle ``DB_POOL_OVERFLOW_IDLE`` seconds.
+
+        The pool does this when a connection comes back; this covers a pool that went
+        quiet. Returns how many it closed.
+        """
+        pool = self.pool
+        if not isinstance(pool, InstrumentedQueuePool) or pool.checkedin() <= pool.size():
+            return 0
+        return await greenlet_spawn(pool.close_idle_overflow)
 
     async def dispose(self) -> None:
         """Close every connection: pooled ones, and any still checked out."""

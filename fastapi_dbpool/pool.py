@@ -10,12 +10,15 @@ None unless OpenTelemetry is on (see ``telemetry.py``).
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import time
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, PoolProxiedConnection
+from sqlalchemy.util import memoized_property
+from sqlalchemy.util.queue import AsyncAdaptedQueue, Full
 
 from .breaker import CircuitBreaker, is_connection_failure
 from .context import current_request
@@ -118,8 +121,56 @@ class PoolStats:
         self.otel: PoolTelemetry | None = None
 
 
+#: Key of ``ConnectionPoolEntry.info``: ``time.monotonic()`` when it was last returned.
+IDLE_SINCE = "dbpool_idle_since"
+
+#: Default of ``DB_POOL_OVERFLOW_IDLE``.
+OVERFLOW_IDLE = 30.0
+
+
+class _RoomyQueue(AsyncAdaptedQueue[Any]):
+    """SQLAlchemy's asyncio queue with room for the overflow connections too.
+
+    ``maxsize`` stays ``pool_size`` (SQLAlchemy's ``size()``, ``checkedout()`` and
+    ``recreate()`` read it); the asyncio queue underneath holds up to ``capacity``.
+    """
+
+    def __init__(self, maxsize: int, use_lifo: bool, capacity: int) -> None:
+        super().__init__(maxsize, use_lifo)
+        self.capacity = capacity
+
+    @memoized_property
+    def _queue(self) -> asyncio.Queue[Any]:
+        # Made on first use, inside the event loop (as SQLAlchemy's own queue is).
+        if self.use_lifo:
+            return asyncio.LifoQueue(maxsize=self.capacity)
+        return asyncio.Queue(maxsize=self.capacity)
+
+    def qsize(self) -> int:
+        return self._queue.qsize()
+
+    def pop_oldest(self, older_than: float) -> ConnectionPoolEntry | None:
+        """Take the least recently returned entry if it was returned before ``older_than``."""
+        items = self._queue._queue  # type: ignore[attr-defined]  # list (LIFO) or deque
+        if not items or items[0].info.get(IDLE_SINCE, older_than) >= older_than:
+            return None
+        entry: ConnectionPoolEntry = items[0]
+        del items[0]
+        return entry
+
+
 class InstrumentedQueuePool(AsyncAdaptedQueuePool):
-    """SQLAlchemy's asyncio queue pool, timing checkouts and counting waiters."""
+    """SQLAlchemy's asyncio queue pool, timing checkouts and counting waiters.
+
+    It also keeps its overflow connections while they are in use: SQLAlchemy's queue
+    holds ``pool_size`` idle connections and closes any connection that comes back to a
+    full queue, so under steady load (connections coming back in bunches, new requests
+    right behind them) it closes and reopens overflow connections many times a second.
+    Here a returned connection always goes back to the queue, and connections beyond
+    ``pool_size`` are closed once they have sat idle ``overflow_idle`` seconds
+    (``DB_POOL_OVERFLOW_IDLE``), checked when a connection comes back and by
+    :meth:`close_idle_overflow`.
+    """
 
     # Keep SQLAlchemy's own pool log records under "sqlalchemy.pool", where users'
     # logging configuration expects them, not under our logger.
@@ -127,6 +178,71 @@ class InstrumentedQueuePool(AsyncAdaptedQueuePool):
 
     dbpool_stats: PoolStats
     dbpool_breaker: CircuitBreaker
+    #: Seconds an overflow connection may sit idle (set by ``attach``).
+    overflow_idle: float = OVERFLOW_IDLE
+
+    def __init__(
+        self,
+        creator: Any,
+        pool_size: int = 5,
+        max_overflow: int = 10,
+        timeout: float = 30.0,
+        use_lifo: bool = False,
+        **kw: Any,
+    ) -> None:
+        super().__init__(
+            creator,
+            pool_size=pool_size,
+            max_overflow=max_overflow,
+            timeout=timeout,
+            use_lifo=use_lifo,
+            **kw,
+        )
+        if pool_size > 0 and max_overflow != 0:
+            # max_overflow -1 (no limit): no limit on idle connections either.
+            capacity = pool_size + max_overflow if max_overflow > 0 else 0
+            self._pool = _RoomyQueue(pool_size, use_lifo, capacity)
+
+    def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
+        queue = self._pool
+        if not isinstance(queue, _RoomyQueue):
+            super()._do_return_conn(record)
+            return
+        now = time.monotonic()
+        record.info[IDLE_SINCE] = now
+        try:
+            queue.put(record, False)
+        except Full:  # cannot happen: the queue has room for every connection
+            try:
+                record.close()
+            finally:
+                self._dec_overflow()
+            return
+        if queue.qsize() > queue.maxsize:
+            self.close_idle_overflow(now)
+
+    def close_idle_overflow(self, now: float | None = None) -> int:
+        """Close idle connections beyond ``pool_size`` idle ``overflow_idle`` seconds.
+
+        Runs in SQLAlchemy's greenlet context (closing a connection awaits the driver):
+        on checkin, and from the runtime's maintenance task through ``greenlet_spawn``.
+        Returns how many it closed.
+        """
+        queue = self._pool
+        if not isinstance(queue, _RoomyQueue):
+            return 0
+        cutoff = (time.monotonic() if now is None else now) - self.overflow_idle
+        closed = 0
+        while queue.qsize() > queue.maxsize:
+            entry = queue.pop_oldest(cutoff)
+            if entry is None:
+                break
+            try:
+                entry.close()
+            finally:
+                self._dec_overflow()
+            closed += 1
+        return closed
 
     def connect(self) -> PoolProxiedConnection:
         stats = self.dbpool_stats
@@ -180,12 +296,14 @@ class InstrumentedQueuePool(AsyncAdaptedQueuePool):
     def recreate(self) -> InstrumentedQueuePool:
         pool = super().recreate()
         assert isinstance(pool, InstrumentedQueuePool)
-        pool.dbpool_stats = self.dbpool_stats
-        pool.dbpool_breaker = self.dbpool_breaker
+        attach(pool, self.dbpool_stats, self.dbpool_breaker, self.overflow_idle)
         return pool
 
 
-def attach(pool: Any, stats: PoolStats, breaker: CircuitBreaker) -> None:
-    """Give a freshly built pool its stats and breaker."""
+def attach(
+    pool: Any, stats: PoolStats, breaker: CircuitBreaker, overflow_idle: float = OVERFLOW_IDLE
+) -> None:
+    """Give a freshly built pool its stats, breaker and overflow idle time."""
     pool.dbpool_stats = stats
     pool.dbpool_breaker = breaker
+    pool.overflow_idle = overflow_idle

@@ -52,6 +52,7 @@ class DBPoolRuntime:
         for db in self.databases.values():
             db.leaks = self.leaks
         self._leak_scan: asyncio.Task[None] | None = None
+        self._overflow_trim: asyncio.Task[None] | None = None
         #: OpenTelemetry, when on (decided once, in :meth:`start`); None when off.
         self.telemetry: Telemetry | None = None
         timeout = min(settings.connect_timeout, settings.health_check_interval)
@@ -77,10 +78,26 @@ class DBPoolRuntime:
         await asyncio.gather(*(probe.check() for probe in runtime.probes.values()))
         for probe in runtime.probes.values():
             probe.start()
-        runtime._leak_scan = asyncio.get_running_loop().create_task(
+        loop = asyncio.get_running_loop()
+        runtime._leak_scan = loop.create_task(
             runtime.leaks.run(list(runtime.databases.values())), name="fastapi_dbpool.leaks"
         )
+        if any(db.budget.max_overflow for db in runtime.databases.values()):
+            runtime._overflow_trim = loop.create_task(
+                runtime._close_idle_overflow(), name="fastapi_dbpool.overflow"
+            )
         return runtime
+
+    async def _close_idle_overflow(self) -> None:
+        """Close idle overflow connections of pools that went quiet, until cancelled."""
+        interval = min(5.0, max(0.05, self.settings.pool_overflow_idle / 2))
+        while True:
+            await asyncio.sleep(interval)
+            for db in self.databases.values():
+                try:
+                    await db.close_idle_overflow()
+                except Exception:  # a broken connection: the pool deals with it later
+                    logger.debug("closing idle overflow connections failed", exc_info=True)
 
     def database(self, name: str) -> Database:
         """The named database.
@@ -166,10 +183,11 @@ class DBPoolRuntime:
                     extra={"in_flight": self.in_flight},
                 )
         await asyncio.gather(*(probe.stop() for probe in self.probes.values()))
-        if self._leak_scan is not None:
-            self._leak_scan.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._leak_scan
+        for task in (self._leak_scan, self._overflow_trim):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for db in self.databases.values():
             await db.dispose()
         if self.telemetry is not None:

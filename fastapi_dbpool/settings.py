@@ -229,6 +229,18 @@ class DBPoolSettings:
     )
     """Idle seconds after which a connection is validated before use."""
 
+    pool_overflow_idle: float = _setting(
+        30.0,
+        "DB_POOL_OVERFLOW_IDLE",
+        float,
+        "idle seconds after which a connection beyond pool_size is closed",
+    )
+    """Seconds a connection beyond ``pool_size`` (an overflow connection) may sit idle
+    before it is closed. SQLAlchemy's queue pool closes one as soon as it comes back while
+    ``pool_size`` others are idle, which under steady load closes and reopens connections
+    many times a second; keeping it until it has been idle this long lets a pool under
+    load use its whole capacity."""
+
     warm_pool: bool = _setting(True, "DB_WARM_POOL", _parse_bool, "open pool_size at startup")
     """Open ``pool_size`` connections at startup, so the first requests pay no connect."""
 
@@ -414,6 +426,7 @@ def _validate(s: DBPoolSettings) -> None:
         "client_timeout_grace",
         "pool_recycle",
         "pre_ping_idle",
+        "pool_overflow_idle",
         "leak_threshold",
         "leak_reclaim_after",
         "circuit_recovery_timeout",

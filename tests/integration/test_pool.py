@@ -1,0 +1,182 @@
+"""The pool keeps its overflow connections while they are in use (real PostgreSQL).
+
+SQLAlchemy's queue pool closes a connection that comes back while ``pool_size`` others
+sit idle, so a pool whose connections come back in bunches closes its overflow and opens
+it again for the next bunch. The library's pool keeps them until they have been idle
+``DB_POOL_OVERFLOW_IDLE`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from sqlalchemy import event, text
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import AsyncAdaptedQueuePool
+
+from fastapi_dbpool import get_runtime
+from fastapi_dbpool.pool import InstrumentedQueuePool
+from tests.helpers import wait_until
+from tests.helpers.apps import client_for, make_app, settings_for
+from tests.helpers.pg import count_app_connections
+
+pytestmark = pytest.mark.asyncio
+
+POOL_SIZE = 4
+MAX_OVERFLOW = 4
+ROUNDS = 5
+
+
+def _equals(read: Callable[[], Awaitable[int]], expected: int) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return await read() == expected
+
+    return check
+
+
+def count_opened(engine: AsyncEngine) -> dict[str, int]:
+    counts = {"opened": 0, "closed": 0}
+
+    def opened(*_: Any) -> None:
+        counts["opened"] += 1
+
+    def closed(*_: Any) -> None:
+        counts["closed"] += 1
+
+    event.listen(engine.sync_engine.pool, "connect", opened)
+    event.listen(engine.sync_engine.pool, "close", closed)
+    return counts
+
+
+async def in_bunches(engine: AsyncEngine, tasks: int, rounds: int) -> None:
+    """``tasks`` tasks each take a connection, all give theirs back together, again.
+
+    Every task holds its connection until all have one (so the pool's whole capacity is
+    in use), and asks again only when all have given theirs back.
+    """
+    held = asyncio.Barrier(tasks)
+    returned = asyncio.Barrier(tasks)
+
+    async def worker() -> None:
+        for _ in range(rounds):
+            async with engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+                await held.wait()
+            await returned.wait()
+
+    async with asyncio.timeout(30):
+        await asyncio.gather(*(worker() for _ in range(tasks)))
+
+
+async def test_sqlalchemy_pool_reopens_its_overflow_each_bunch(database_url: str) -> None:
+    """The control: the same load makes SQLAlchemy's own pool churn."""
+    engine = create_async_engine(
+        database_url,
+        poolclass=AsyncAdaptedQueuePool,
+        pool_size=POOL_SIZE,
+        max_overflow=MAX_OVERFLOW,
+        pool_use_lifo=True,
+    )
+    counts = count_opened(engine)
+    try:
+        await in_bunches(engine, POOL_SIZE + MAX_OVERFLOW, ROUNDS)
+    finally:
+        await engine.dispose()
+    assert counts["opened"] == POOL_SIZE + MAX_OVERFLOW * ROUNDS
+
+
+async def test_library_pool_keeps_its_overflow_under_load(database_url: str) -> None:
+    settings = settings_for(database_url, pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW)
+    app = make_app(settings)
+    async with client_for(app):
+        runtime = get_runtime(app)
+        engine = runtime.engine()
+        assert isinstance(engine.sync_engine.pool, InstrumentedQueuePool)
+        counts = count_opened(engine)
+        await in_bunches(engine, POOL_SIZE + MAX_OVERFLOW, ROUNDS)
+        status = runtime.database("primary").pool_status()
+        # The warm pool had POOL_SIZE open: the overflow opened once, then stayed.
+        assert counts == {"opened": MAX_OVERFLOW, "closed": 0}
+        assert status["idle"] == POOL_SIZE + MAX_OVERFLOW
+        assert status["checked_out"] == 0
+        assert status["overflow"] == MAX_OVERFLOW
+        assert status["size"] == POOL_SIZE
+
+
+async def test_idle_overflow_is_closed_after_overflow_idle(
+    database_url: str, admin_url: str
+) -> None:
+    settings = settings_for(
+        database_url,
+        pool_size=POOL_SIZE,
+        max_overflow=MAX_OVERFLOW,
+        pool_overflow_idle=0.3,
+        application_name="dbpool-overflow-idle",
+    )
+    app = make_app(settings)
+    async with client_for(app):
+        runtime = get_runtime(app)
+        engine = runtime.engine()
+        counts = count_opened(engine)
+        started = time.monotonic()  # before any connection came back
+        await in_bunches(engine, POOL_SIZE + MAX_OVERFLOW, 1)
+        assert runtime.database("primary").pool_status()["idle"] == POOL_SIZE + MAX_OVERFLOW
+
+        # Nothing comes back any more: the runtime's own task closes them, not before
+        # they have been idle 0.3 s.
+        await wait_until(lambda: counts["closed"] == MAX_OVERFLOW, timeout=10)
+        assert time.monotonic() - started >= 0.3
+        status = runtime.database("primary").pool_status()
+        assert (status["idle"], status["overflow"], status["checked_out"]) == (POOL_SIZE, 0, 0)
+        # The server's side: the pool's connections plus the readiness probe's own one
+        # (a backend exits a moment after its client closed the connection).
+        await wait_until(
+            _equals(
+                lambda: count_app_connections(admin_url, "dbpool-overflow-idle"), POOL_SIZE + 1
+            ),
+            timeout=5,
+            message="the closed overflow connections' backends are gone",
+        )
+
+        # The pool still opens overflow again when it needs it, and serves.
+        await in_bunches(engine, POOL_SIZE + MAX_OVERFLOW, 2)
+        assert counts["opened"] == 2 * MAX_OVERFLOW
+
+
+async def test_connection_coming_back_closes_the_longest_idle_overflow(database_url: str) -> None:
+    settings = settings_for(
+        database_url, pool_size=1, max_overflow=2, pool_overflow_idle=0.2, warm_pool=False
+    )
+    app = make_app(settings)
+    async with client_for(app):
+        engine = get_runtime(app).engine()
+        pool = engine.sync_engine.pool
+        assert isinstance(pool, InstrumentedQueuePool)
+        counts = count_opened(engine)
+        await in_bunches(engine, 3, 1)
+        pids: list[int] = []
+        # Three idle connections; keep one busy past overflow_idle while the others idle.
+        async with engine.connect() as busy:
+            pids.append((await busy.execute(text("SELECT pg_backend_pid()"))).scalar_one())
+            await wait_until(lambda: counts["closed"] == 1, timeout=10)
+        # The busy one came back: it stays, the longest idle ones went (by the check on
+        # return or by the runtime's task, whichever came first).
+        await wait_until(lambda: counts["closed"] == 2, timeout=10)
+        assert pool.checkedin() == 1
+        async with engine.connect() as conn:
+            pid = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+        assert pid == pids[0]
+
+
+async def test_fixed_pool_is_sqlalchemys_own_queue(database_url: str) -> None:
+    """Without overflow there is nothing to keep: SQLAlchemy's queue as it is."""
+    app = make_app(settings_for(database_url, pool_size=2, max_overflow=0))
+    async with client_for(app):
+        pool = get_runtime(app).engine().sync_engine.pool
+        assert isinstance(pool, InstrumentedQueuePool)
+        assert type(pool._pool).__name__ == "AsyncAdaptedQueue"
+        assert pool.close_idle_overflow() == 0
