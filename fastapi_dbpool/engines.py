@@ -32,7 +32,7 @@ from .errors import ConfigurationError, DatabaseUnavailableError, DeadlineExceed
 from .failover import FailoverConnector
 from .leaks import USED_AFTER_REQUEST, Checkout, LeakTracker, capture_stack
 from .pool import InstrumentedQueuePool, PoolStats, attach
-from .sessions import AUTOCOMMIT_KEY, READ_ONLY_KEY
+from .sessions import AUTOCOMMIT_KEY, READ_ONLY_KEY, DBPoolSyncSession, ReadOnlySyncSession
 from .settings import DBPoolSettings, safe_url
 from .sizing import BudgetError, PoolBudget, ServerLimits, plan_pool
 from .telemetry import CLIENT_DEADLINE, LOCK_TIMEOUT, STATEMENT_TIMEOUT
@@ -122,7 +122,10 @@ class Database:
         )
         attach(self.engine.sync_engine.pool, self.stats, self.breaker, settings.pool_overflow_idle)
         self.sessionmaker: async_sessionmaker[Any] = async_sessionmaker(
-            self.engine, class_=session_class, expire_on_commit=False
+            self.engine,
+            class_=session_class,
+            sync_session_class=DBPoolSyncSession,
+            expire_on_commit=False,
         )
         # Read-only routes: each statement is its own implicit transaction, so a request
         # costs the statement's round trip alone, not BEGIN + statement + ROLLBACK.
@@ -131,6 +134,7 @@ class Database:
         self.read_only_sessionmaker: async_sessionmaker[Any] = async_sessionmaker(
             self.engine,
             class_=session_class,
+            sync_session_class=ReadOnlySyncSession,
             expire_on_commit=False,
             info={READ_ONLY_KEY: True},
         )

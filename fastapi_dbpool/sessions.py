@@ -111,24 +111,37 @@ class RequestSession(AsyncSession):
     connection = _guarded(AsyncSession.connection)
 
 
-@event.listens_for(Session, "after_begin")
+class DBPoolSyncSession(Session):
+    """The ``Session`` under the library's ``AsyncSession``: its events are the library's.
+
+    Listening on this class rather than on ``Session`` keeps the library's hooks off
+    every other session of the process (an app's own sessionmaker, a migration tool's).
+    """
+
+
+class ReadOnlySyncSession(Session):
+    """The ``Session`` under ``session(read_only=True)``: autocommit, writes refused."""
+
+
+@event.listens_for(DBPoolSyncSession, "after_begin")
 def _apply_route_timeout(
     session: Session, transaction: SessionTransaction, conn: Connection
 ) -> None:
-    info = session.info
-    if info.get(READ_ONLY_KEY):
-        # A read-only session: no BEGIN, no ROLLBACK. The driver sends a statement in a
-        # transaction block only when it is not in autocommit; the pool's checkin switches
-        # it back, so the connection's next user gets a transaction as usual. Cheaper than
-        # an AUTOCOMMIT execution option, which SQLAlchemy sets and resets at every
-        # checkout through its option engine.
-        fairy = conn.connection
-        fairy.dbapi_connection.autocommit = True  # type: ignore[union-attr]
-        fairy.info[AUTOCOMMIT_KEY] = True
-        return
     # Only sessions with a per-route timeout pay this round trip; the default
     # statement_timeout was set when the connection was opened.
-    _set_route_timeout(info, conn)
+    _set_route_timeout(session.info, conn)
+
+
+@event.listens_for(ReadOnlySyncSession, "after_begin")
+def _begin_read_only(session: Session, transaction: SessionTransaction, conn: Connection) -> None:
+    # No BEGIN, no ROLLBACK: the driver sends a statement in a transaction block only
+    # when it is not in autocommit; the pool's checkin switches it back, so the
+    # connection's next user gets a transaction as usual. Cheaper than an AUTOCOMMIT
+    # execution option, which SQLAlchemy sets and resets at every checkout through its
+    # option engine.
+    fairy = conn.connection
+    fairy.dbapi_connection.autocommit = True  # type: ignore[union-attr]
+    fairy.info[AUTOCOMMIT_KEY] = True
 
 
 def _set_route_timeout(info: dict[Any, Any], conn: Connection) -> None:
@@ -148,17 +161,15 @@ _READ_ONLY_WRITE = (
 )
 
 
-@event.listens_for(Session, "do_orm_execute")
+@event.listens_for(ReadOnlySyncSession, "do_orm_execute")
 def _refuse_dml_when_read_only(state: ORMExecuteState) -> None:
-    if state.session.info.get(READ_ONLY_KEY) and (
-        state.is_insert or state.is_update or state.is_delete
-    ):
+    if state.is_insert or state.is_update or state.is_delete:
         raise ReadOnlySessionError(_READ_ONLY_WRITE)
 
 
-@event.listens_for(Session, "before_flush")
+@event.listens_for(ReadOnlySyncSession, "before_flush")
 def _refuse_flush_when_read_only(session: Session, flush: UOWTransaction, instances: Any) -> None:
-    if session.info.get(READ_ONLY_KEY) and (session.new or session.dirty or session.deleted):
+    if session.new or session.dirty or session.deleted:
         raise ReadOnlySessionError(_READ_ONLY_WRITE)
 
 

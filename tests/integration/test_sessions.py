@@ -408,3 +408,28 @@ async def test_read_only_session_costs_no_transaction_round_trips(database_url: 
 def test_read_only_and_timeout_cannot_be_combined() -> None:
     with pytest.raises(ValueError, match="read_only=True"):
         dbpool.session(read_only=True, timeout=1.0)
+
+
+async def test_library_hooks_stay_off_the_apps_own_sessions(database_url: str) -> None:
+    """The library's session events fire for its sessions only, not every Session."""
+    from sqlalchemy import column, insert, table
+    from sqlalchemy.ext.asyncio import async_sessionmaker
+
+    from fastapi_dbpool.sessions import READ_ONLY_KEY, TIMEOUT_KEY
+
+    await create_items(database_url)
+    app = make_app(settings_for(database_url))
+    async with client_for(app):
+        engine = dbpool.get_runtime(app).engine()
+        # An app's own sessionmaker on the same engine, whose info happens to carry the
+        # library's keys: neither a 1 ms statement timeout nor the read-only refusal.
+        own = async_sessionmaker(engine, info={TIMEOUT_KEY: 0.001, READ_ONLY_KEY: True})
+        async with own() as session:
+            await session.execute(text("SELECT pg_sleep(0.05)"))
+            await session.execute(insert(table("items", column("name"))).values(name="own"))
+            await session.commit()
+        # The library's own read-only session still refuses the same write.
+        async with dbpool.get_runtime(app).database("primary").read_only_sessionmaker() as ro:
+            with pytest.raises(dbpool.ReadOnlySessionError):
+                await ro.execute(insert(table("items", column("name"))).values(name="ro"))
+    assert await item_names(database_url) == ["own"]
