@@ -20,6 +20,7 @@ connections the server's pool has opened so far: pool churn shows there).
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import os
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -244,6 +245,28 @@ def asyncpg_app(config: AppConfig) -> FastAPI:
     return app
 
 
+def fastapi_only_app() -> FastAPI:
+    """A floor for event-loop lag: the same routes with no database at all.
+
+    ``/hold`` sleeps instead of holding a connection; ``/select1`` answers a constant.
+    What a burst costs this app is what FastAPI and the event loop cost, whatever the
+    database layer does.
+    """
+    app = FastAPI()
+
+    @app.get("/select1")
+    async def select1() -> dict[str, int]:
+        return {"value": 1}
+
+    @app.get("/hold")
+    async def hold(seconds: float) -> dict[str, str]:
+        await asyncio.sleep(seconds)
+        return {"status": "done"}
+
+    _add_live(app)
+    return app
+
+
 def build_app(variant: str, config: AppConfig, **overrides: Any) -> FastAPI:
     """The app of one variant; ``overrides`` are DBPoolSettings fields (dbpool only)."""
     if variant == "bare":
@@ -258,6 +281,8 @@ def build_app(variant: str, config: AppConfig, **overrides: Any) -> FastAPI:
         return dbpool_app(config, read_only=True, **overrides)
     if variant == "asyncpg":
         return asyncpg_app(config)
+    if variant == "fastapi_only":
+        return fastapi_only_app()
     raise ValueError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
 
 
