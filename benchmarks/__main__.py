@@ -46,6 +46,7 @@ COMPARISONS = {
     "overhead": "benchmarks.overhead",
     "checkout": "benchmarks.checkout",
     "burst": "benchmarks.burst",
+    "burst_http": "benchmarks.burst_http",
     "memory": "benchmarks.memory",
     "features": "benchmarks.features",
 }

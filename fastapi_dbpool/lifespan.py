@@ -165,4 +165,11 @@ def install(
         setattr(app.state, _SETTINGS_ATTR, settings)
     app.router.lifespan_context = compose(lifespan, app.router.lifespan_context)
     app.add_middleware(DBPoolMiddleware, registry=registry)
-    app.include_router(router)  # type: ignore[attr-defined]
+    # The routes themselves, not the router: FastAPI matches an included router through
+    # its own layer (scope bookkeeping, a routes-version walk) on every request, before
+    # the app's own routes; three plain routes cost three path matches.
+    routes = app.router.routes
+    routes.extend(route for route in router.routes if route not in routes)
+    mark_changed = getattr(app.router, "_mark_routes_changed", None)
+    if callable(mark_changed):
+        mark_changed()

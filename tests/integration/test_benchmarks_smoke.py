@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-COMPARISONS = {"http", "overhead", "checkout", "burst", "memory", "features"}
+COMPARISONS = {"http", "overhead", "checkout", "burst", "burst_http", "memory", "features"}
 
 
 async def test_every_benchmark_runs_with_tiny_sizes(database_url: str, tmp_path: Path) -> None:
@@ -57,6 +57,15 @@ async def test_every_benchmark_runs_with_tiny_sizes(database_url: str, tmp_path:
         assert all(table["rows"] for table in data["tables"]), name
     # Every request of the tiny burst got a response: served, or 503 with Retry-After.
     for run in results["burst"]["data"]["dbpool"]:
+        assert run["served"] + run["shed_503"] == run["requests"], run
+        assert run["checked_out_after"] == 0, run
+    # The same over HTTP: every connection opened, every request answered, the probe ran.
+    for runs in results["burst_http"]["data"]["runs"].values():
+        for run in runs:
+            assert run["connected"] == run["requests"], run
+            assert run["served"] + run["shed_503"] + run["errors"] == run["requests"], run
+            assert run["burst_probe_count"] > 0, run
+    for run in results["burst_http"]["data"]["runs"]["dbpool_instr"]:
         assert run["served"] + run["shed_503"] == run["requests"], run
         assert run["checked_out_after"] == 0, run
     # The read-only variant (Depends(dbpool.session(read_only=True))) ran and answered 200.
