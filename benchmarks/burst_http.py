@@ -85,6 +85,8 @@ CONNECT_BATCH = 500
 CLIENT_SLACK = 30.0
 #: Probes answered before the prober says READY: its baseline (100 ms at 10 ms).
 PROBE_BASELINE = 10
+#: How long the prober may take, after STOP, to send the probes a stall kept back.
+PROBE_CATCH_UP = 60.0
 #: Deadlines of the parent's waits on its helpers and the server.
 CONNECT_PHASE_TIMEOUT = 180.0
 ACCEPT_TIMEOUT = 30.0
@@ -366,21 +368,19 @@ def _stdin_line(pending: bytearray) -> bytes | None:
 
 
 def _prober(port: int) -> None:
+    """Probe ``/health/live`` on a fixed schedule until a ``STOP <go> <end>`` line.
+
+    Probes due up to ``<end>`` that a stall kept from being sent are sent after the STOP,
+    back to back, each measured from its due time: the window leaves none out.
+    """
     probe = _Probe(port)
     samples: list[tuple[float, float]] = []  # (due, latency from due)
+    sent: list[float] = []  # due times of every probe sent, answered or not
     errors = non_200 = 0
-    stdin = sys.stdin.fileno()
-    pending = bytearray()
-    stop: bytes | None = None
-    due = time.monotonic()
-    while stop is None:
-        now = time.monotonic()
-        readable, _, _ = select.select([stdin], [], [], max(0.0, due - now))
-        if readable:
-            stop = _stdin_line(pending)
-            continue
-        if time.monotonic() < due:
-            continue
+
+    def probe_due(due: float) -> None:
+        nonlocal errors, non_200
+        sent.append(due)
         try:
             status = probe.get()
         except OSError:
@@ -389,13 +389,34 @@ def _prober(port: int) -> None:
         else:
             samples.append((due, time.monotonic() - due))
             non_200 += status != 200
-            if len(samples) == PROBE_BASELINE:
-                print("READY", flush=True)
+
+    stdin = sys.stdin.fileno()
+    pending = bytearray()
+    stop: bytes | None = None
+    due = time.monotonic()
+    while stop is None:
+        readable, _, _ = select.select([stdin], [], [], max(0.0, due - time.monotonic()))
+        if readable:
+            stop = _stdin_line(pending)
+            continue
+        if time.monotonic() < due:
+            continue
+        probe_due(due)
+        if len(samples) == PROBE_BASELINE:
+            print("READY", flush=True)
         due += PROBE_EVERY
     if not stop:
         raise SystemExit("stdin closed without STOP")
     _, go, end = stop.split()
     start, finish = float(go), float(end)
+    give_up = time.monotonic() + PROBE_CATCH_UP
+    while due <= finish and time.monotonic() < give_up:
+        probe_due(due)
+        due += PROBE_EVERY
+    never_sent = 0
+    while due <= finish:
+        never_sent += 1
+        due += PROBE_EVERY
     window = [lat for d, lat in samples if start <= d <= finish]
     print(
         json.dumps(
@@ -405,6 +426,7 @@ def _prober(port: int) -> None:
                 "non_200": non_200,
                 "ms": _summary([lat for _, lat in samples], 1e3),
                 "burst_count": len(window),
+                "burst_due": sum(start <= d <= finish for d in sent) + never_sent,
                 "burst_ms": _summary(window, 1e3),
             }
         ),
@@ -445,6 +467,8 @@ class HttpBurstResult:
     probe_p99_ms: float = math.nan
     probe_max_ms: float = math.nan
     burst_probe_count: int = 0
+    burst_probe_due: int = 0
+    """Probes due between GO and the last answer (burst_probe_count of them answered)."""
     burst_probe_p50_ms: float = math.nan
     burst_probe_p99_ms: float = math.nan
     burst_probe_max_ms: float = math.nan
@@ -650,7 +674,7 @@ def run_one(ctx: BenchContext, variant: str, log_dir: Path) -> HttpBurstResult:
                 go, last = burst["go_at"], burst["last_answer_s"]
                 end = go + (last if math.isfinite(last) else wait)
                 _send(prober, f"STOP {go!r} {end!r}")
-                probes = json.loads(probe_out.read(30))
+                probes = json.loads(probe_out.read(PROBE_CATCH_UP + 30))
         _fill(result, burst, probes)
         if variant != "bare":
             # Requests end (and return their connection) just after their response.
@@ -689,6 +713,7 @@ def _fill(result: HttpBurstResult, burst: dict[str, Any], probes: dict[str, Any]
     result.probe_p50_ms, result.probe_p99_ms = probes["ms"]["p50"], probes["ms"]["p99"]
     result.probe_max_ms = probes["ms"]["max"]
     result.burst_probe_count = probes["burst_count"]
+    result.burst_probe_due = probes["burst_due"]
     window = probes["burst_ms"]
     result.burst_probe_p50_ms, result.burst_probe_p99_ms = window["p50"], window["p99"]
     result.burst_probe_max_ms = window["max"]
@@ -738,12 +763,22 @@ def run(ctx: BenchContext) -> Report:
         "with Retry-After, resets, EOFs, no answer; values are medians over rounds.",
         f"/health/live: another process, one keep-alive connection, a probe due every "
         f"{PROBE_EVERY * 1e3:.0f} ms, latency from the due time; the columns cover the "
-        "probes due between GO and the last answer.",
+        "probes due between GO and the last answer (those a stall kept back are sent after "
+        "the burst, back to back, still measured from their due time).",
         "peak RSS = the server's VmHWM during the burst (reset at GO, with every "
         "connection already accepted); server CPU = its user+system time from GO to the "
         "client's last answer; held after = connections the library's pool still had "
         "checked out (/health/database) after the burst; the plain pattern exposes neither "
-        "that nor leaks.",
+        "that nor leaks; server log lines = what the uvicorn process wrote (access log off: "
+        "uvicorn's tracebacks of exceptions that escaped the app, the library's records).",
+        "server RSS, idle before the client connected / with every connection open, "
+        "median MiB: "
+        + ", ".join(
+            f"{v} {fmt_float(_med(bs, lambda b: b.rss_idle_mib), 0)}"
+            f"/{fmt_float(_med(bs, lambda b: b.rss_connected_mib), 0)}"
+            for v, bs in results.items()
+        )
+        + ".",
         f"connect phase: {Spread.of([b.connect_s for b in everything]).median:.2f} s "
         f"median for {p.burst_requests:,} connections, connect failures "
         f"{sum(b.requests - b.connected for b in everything)}, server accepted them "
@@ -778,6 +813,7 @@ def burst_table(results: dict[str, list[HttpBurstResult]], ctx: BenchContext) ->
             "/health/live p50/p99/max ms",
             "peak RSS MiB",
             "server CPU s",
+            "server log lines",
             "held after",
             "leaks",
         ],
@@ -807,6 +843,7 @@ def burst_table(results: dict[str, list[HttpBurstResult]], ctx: BenchContext) ->
             f"/{fmt_float(_med(runs, lambda b: b.burst_probe_max_ms), 0)}",
             fmt_float(_med(runs, lambda b: b.peak_rss_mib), 0),
             fmt_float(_med(runs, lambda b: b.cpu_s), 1),
+            fmt_int(_med(runs, lambda b: b.server_log_lines)),
             fmt_int(max(held)) if held else "-",
             fmt_int(max(leaks)) if leaks else "-",
         )
