@@ -92,6 +92,22 @@ class DBPoolMiddleware:
     async def _request(
         self, runtime: DBPoolRuntime, scope: Scope, receive: Receive, send: Send
     ) -> None:
+        if runtime.route_databases:
+            refused = runtime.refuse_at_door(scope)
+            if refused is not None:
+                # Refused before the app runs: the same answer get_session would give a
+                # moment later, without routing, dependencies and an exception through
+                # every layer, which under a burst of thousands keeps the event loop busy
+                # long enough for the requests being served to miss their deadlines.
+                logger.debug(
+                    ANSWERED_MESSAGE,
+                    503,
+                    type(refused).__name__,
+                    "at the door",
+                    extra={"status": 503, "error": type(refused).__name__},
+                )
+                await _send_error(send, _refusal(refused, runtime))
+                return
         ctx = RequestContext(runtime, scope, receive)
         token = current_request.set(ctx)
         runtime.request_started()
@@ -174,6 +190,12 @@ class DBPoolMiddleware:
         finally:
             runtime.request_finished()
             current_request.reset(token)
+
+
+def _refusal(exc: Exception, runtime: DBPoolRuntime) -> ErrorResponse:
+    mapped = map_exception(exc, checkout_timeout=runtime.settings.checkout_timeout)
+    assert mapped is not None  # a DatabaseUnavailableError always maps
+    return mapped
 
 
 def _has_content_length(message: Message) -> bool:

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("fastapi_dbpool")
 
+_NOTHING: frozenset[str] = frozenset()
+
 #: A request still running this long after it first used the database starts watching
 #: for the client's disconnect (cheaper than watching every request from the start).
 DISCONNECT_WATCH_DELAY = 0.25
@@ -53,6 +55,7 @@ class RequestContext:
         "scope",
         "sessions",
         "task",
+        "used",
     )
 
     def __init__(self, runtime: DBPoolRuntime, scope: Scope, receive: Receive) -> None:
@@ -64,6 +67,8 @@ class RequestContext:
         self.failed = False
         #: Connections this request took that are not back in the pool yet.
         self.held = 0
+        #: Databases this request asked for a session of (refused or not).
+        self.used: set[str] | None = None
         self.task: asyncio.Task[Any] | None = None
         self.cancelled_on_disconnect = False
         self._receive = receive
@@ -88,6 +93,7 @@ class RequestContext:
         found = sessions.get(key)
         if found is None:
             db = self.runtime.database(database)
+            self._asked(database)
             self.runtime.check_available(db)
             found = db.read_only_sessionmaker() if read_only else db.sessionmaker()
             found.info[DATABASE_KEY] = db
@@ -107,6 +113,7 @@ class RequestContext:
 
         @asynccontextmanager
         async def open_session() -> AsyncIterator[AsyncSession]:
+            self._asked(database)
             self.runtime.check_available(db)
             sess = db.sessionmaker()
             sess.info[DATABASE_KEY] = db
@@ -118,6 +125,12 @@ class RequestContext:
                 await _close_shielded(sess)
 
         return open_session
+
+    def _asked(self, database: str) -> None:
+        if self.used is None:
+            self.used = {database}
+        else:
+            self.used.add(database)
 
     @property
     def has_sessions(self) -> bool:
@@ -160,6 +173,14 @@ class RequestContext:
             self._watcher.cancel()
         await self.release()
         self.finished = True
+        route = self.scope.get("route")
+        if route is not None:
+            # What this route needs, for refusing its requests at the door while a
+            # database refuses everything (DBPoolRuntime.refuse_at_door).
+            known = self.runtime.route_databases.get(id(route))
+            used = self.used or _NOTHING
+            if known is None or not known <= used:
+                self.runtime.learn_route(id(route), frozenset(used))
         if self.held:
             runtime = self.runtime
             runtime.leaks.request_finished(self, list(runtime.databases.values()))

@@ -14,9 +14,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from starlette.routing import Match
 
 from .engines import Database, build_databases
-from .errors import CheckoutTimeoutError, CircuitOpenError
+from .breaker import BreakerState
+from .errors import CheckoutTimeoutError, CircuitOpenError, DatabaseUnavailableError
 from .leaks import LeakTracker
 from .probe import DatabaseProbe
 from .requests import unknown_database
@@ -25,6 +27,9 @@ from .settings import DBPoolSettings
 from .telemetry import Telemetry, from_settings
 
 logger = logging.getLogger("fastapi_dbpool")
+
+#: Routes whose database use is remembered (a bound, for apps that add routes at runtime).
+MAX_LEARNED_ROUTES = 10_000
 
 
 class DBPoolRuntime:
@@ -42,6 +47,12 @@ class DBPoolRuntime:
         self.databases = dict(databases)
         self.draining = False
         self.in_flight = 0
+        self._database_list = list(self.databases.values())
+        #: id(route) -> the databases every request of that route used so far (learned as
+        #: requests finish). A route whose requests always take a connection of a database
+        #: that refuses everything now (pool saturated, breaker open) is refused at the
+        #: door, before the framework, the app's dependencies and the body are processed.
+        self.route_databases: dict[int, frozenset[str]] = {}
         self._idle = asyncio.Event()
         self._idle.set()
         self.leaks = LeakTracker(
@@ -147,6 +158,59 @@ class DBPoolRuntime:
                 database=db.name,
                 retry_after=self.settings.checkout_timeout,
             )
+
+    def learn_route(self, route_id: int, used: frozenset[str]) -> None:
+        """Record the databases one finished request of a route (by ``id``) used.
+
+        Routes are keyed by ``id``: FastAPI's routes are not hashable, and they live as
+        long as the app.
+        """
+        known = self.route_databases.get(route_id)
+        if known is None:
+            if len(self.route_databases) < MAX_LEARNED_ROUTES:
+                self.route_databases[route_id] = used
+        elif not known <= used:
+            self.route_databases[route_id] = known & used
+
+    def refusing(self) -> Database | None:
+        """A database that refuses every request now, if any (no side effects)."""
+        for db in self._database_list:
+            if db.stats.waiting >= db.max_waiting:
+                return db
+            breaker = db.breaker
+            if breaker.state is BreakerState.OPEN and breaker.retry_after() > 0:
+                return db
+        return None
+
+    def refuse_at_door(self, scope: Mapping[str, Any]) -> DatabaseUnavailableError | None:
+        """The error for a request refused before the app runs, or None to let it in.
+
+        Only while a database refuses everything, and only for a route every request of
+        which so far needed that database; other requests go their normal way (they may
+        not need that database at all).
+        """
+        db = self.refusing()
+        if db is None:
+            return None
+        app = scope.get("app")
+        routes = getattr(getattr(app, "router", None), "routes", None)
+        if not routes:
+            return None
+        route = None
+        for candidate in routes:
+            match, _ = candidate.matches(scope)
+            if match is Match.FULL:
+                route = candidate
+                break
+            if match is Match.PARTIAL:
+                return None  # a method mismatch: the app answers 405 itself
+        if route is None or db.name not in self.route_databases.get(id(route), ()):
+            return None
+        try:
+            self.check_available(db)
+        except DatabaseUnavailableError as exc:
+            return exc
+        return None
 
     def request_started(self) -> None:
         """Count a request in flight."""

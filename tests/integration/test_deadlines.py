@@ -9,7 +9,7 @@ import time
 import asyncpg
 import httpx
 import pytest
-from fastapi import Depends
+from fastapi import Depends, Request
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -312,3 +312,71 @@ async def test_a_full_queue_answers_503_at_once_instead_of_waiting(database_url:
     assert took < 0.5  # not the 5 s checkout timeout
     assert [r.status_code for r in served] == [200, 200, 200]
     assert refusals == 1
+
+
+async def test_a_saturated_pool_refuses_database_routes_at_the_door(database_url: str) -> None:
+    """While the queue is full, a route whose requests always needed the database is
+    refused before any of the app's code runs; other routes are served as usual."""
+    app, holding, release = holding_app(
+        database_url, pool_size=1, checkout_timeout=5.0, max_waiting=1
+    )
+    ran = {"auth": 0}
+
+    async def auth() -> None:
+        ran["auth"] += 1
+
+    @app.get("/counted", dependencies=[Depends(auth)])
+    async def counted(session: AsyncSession = Depends(get_session)) -> dict[str, int]:
+        return {"value": (await session.execute(text("SELECT 1"))).scalar_one()}
+
+    @app.get("/maybe")
+    async def maybe(request: Request) -> dict[str, int]:
+        if request.query_params.get("db") != "yes":
+            return {"value": 0}
+        session = await dbpool.session()()
+        return {"value": (await session.execute(text("SELECT 1"))).scalar_one()}
+
+    @app.get("/nodb")
+    async def nodb() -> dict[str, str]:
+        return {"status": "fine"}
+
+    async with client_for(app) as client:
+        # Learn: /counted always asks for the database, /maybe not always.
+        assert (await client.get("/counted")).status_code == 200
+        assert (await client.get("/maybe?db=yes")).status_code == 200
+        assert (await client.get("/maybe")).status_code == 200
+        assert ran["auth"] == 1
+
+        holder = asyncio.create_task(client.get("/hold"))
+        await asyncio.wait_for(holding.wait(), 5)
+        db = dbpool.get_runtime(app).databases["primary"]
+        queued = asyncio.create_task(client.get("/query"))
+        await wait_until(lambda: db.stats.waiting == 1, 5, message="one request queued")
+
+        refused = await client.get("/counted")
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == "5"
+        assert "busy" in refused.json()["detail"]
+        assert ran["auth"] == 1  # the app's dependency never ran
+        # Not always a database route: it runs, and is refused only when it asks.
+        assert (await client.get("/maybe")).json() == {"value": 0}
+        assert (await client.get("/maybe?db=yes")).status_code == 503
+        assert (await client.get("/nodb")).json() == {"status": "fine"}
+        assert (await client.get("/health/live")).status_code == 200
+        assert db.stats.refused == 2
+
+        release.set()
+        assert [r.status_code for r in await asyncio.gather(holder, queued)] == [200, 200]
+        # Saturation over: the same route is let in again.
+        assert (await client.get("/counted")).status_code == 200
+        assert ran["auth"] == 2
+
+        # An open breaker refuses at the door too, with the breaker's Retry-After.
+        for _ in range(db.breaker.failure_threshold):
+            db.breaker.record_failure()
+        refused = await client.get("/counted")
+        assert refused.status_code == 503
+        assert 1 <= int(refused.headers["retry-after"]) <= 10
+        assert "unavailable" in refused.json()["detail"]
+        assert ran["auth"] == 2
+        assert (await client.get("/nodb")).status_code == 200

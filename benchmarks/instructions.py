@@ -1,0 +1,290 @@
+"""2b. CPU per request as instructions, counted by valgrind: the same in every run.
+
+CPU time per request on a shared 2-core machine moves by 10-20% between runs minutes
+apart (see docs/performance.md), more than the differences this suite looks for.
+Instructions executed do not depend on what else the machine does. One process runs every
+variant in turn under ``valgrind --tool=callgrind``: for each variant and route it starts
+the app, warms it, then marks the start and the end of a batch of requests (driven through
+the bare ASGI driver, ``common.asgi_get``, a few microseconds per request, and the same
+for every variant) with a call to ``os.getppid()``; ``--dump-before=getppid`` makes
+callgrind write its counters at each mark, so the part between two marks is that batch
+and nothing else: not the interpreter's start, not the imports, not the app's startup.
+
+What is counted: the app, the framework, SQLAlchemy, the driver, the library, the event
+loop and garbage collection in this process. PostgreSQL runs elsewhere and is not.
+Instructions are not time (a cache miss costs more than an add), but for the same
+interpreter running the same kind of code they track it closely, and a difference of 1%
+is visible where CPU time needs a dozen rounds to show 10%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .apps import LABELS, VARIANTS, AppConfig, build_app
+from .common import (
+    READ_ONLY_GOAL,
+    REPO_ROOT,
+    BenchContext,
+    Report,
+    Table,
+    Target,
+    asgi_get,
+    fmt_int,
+    run_async,
+    running,
+)
+from .overhead import ROUTE_TITLES, ROUTES
+
+#: Concurrent callers in a batch (as the in-process comparison).
+CONCURRENCY = 8
+
+
+@dataclass(frozen=True)
+class Part:
+    """One measured batch: a variant, a route, and what it cost."""
+
+    variant: str
+    route: str
+    requests: int
+    instructions: int
+    errors: int
+
+    @property
+    def per_request(self) -> float:
+        return self.instructions / self.requests
+
+
+# -- the worker: runs under valgrind ------------------------------------------------------
+
+
+def _mark() -> None:
+    """Where callgrind dumps its counters (``--dump-before=getppid``)."""
+    os.getppid()
+
+
+async def _batch(app: Any, route: str, items: int, requests: int, offset: int) -> int:
+    numbers = iter(range(requests))
+    errors = 0
+    make = ROUTES[route]
+
+    async def caller() -> None:
+        nonlocal errors
+        for i in numbers:
+            answer = await asgi_get(app, make(i + offset, items))
+            if answer.status != 200:
+                errors += 1
+
+    await asyncio.gather(*(caller() for _ in range(CONCURRENCY)))
+    return errors
+
+
+async def _work(url: str, variants: list[str], requests: int, items: int) -> list[dict[str, Any]]:
+    config = AppConfig(url=url)
+    phases: list[dict[str, Any]] = []
+    for variant in variants:
+        async with running(build_app(variant, config)) as app:
+            for route in ROUTES:
+                await _batch(app, route, items, max(50, requests // 4), 0)
+                gc.collect()
+                _mark()
+                errors = await _batch(app, route, items, requests, requests)
+                _mark()
+                phases.append(
+                    {"variant": variant, "route": route, "requests": requests, "errors": errors}
+                )
+    return phases
+
+
+def worker(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.instructions --worker")
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--variants", required=True)
+    parser.add_argument("--requests", type=int, required=True)
+    parser.add_argument("--items", type=int, required=True)
+    args = parser.parse_args(argv)
+    phases = run_async(lambda: _work(args.url, args.variants.split(","), args.requests, args.items))
+    print("PHASESJSON " + json.dumps(phases), flush=True)
+
+
+# -- the parent ---------------------------------------------------------------------------
+
+
+def _part_totals(out_dir: Path, base: str) -> dict[int, int]:
+    """Instructions of each dumped part: ``{part number: Ir}``."""
+    totals: dict[int, int] = {}
+    for path in out_dir.glob(base + "*"):
+        part = total = None
+        with path.open() as handle:
+            for line in handle:
+                if line.startswith("part:"):
+                    part = int(line.split()[1])
+                elif line.startswith("totals:"):
+                    total = int(line.split()[1])
+                    break
+        if part is not None and total is not None:
+            totals[part] = total
+    return totals
+
+
+def measure(ctx: BenchContext, variants: list[str], requests: int) -> list[Part]:
+    """Run the worker under callgrind; the instructions of each measured batch."""
+    with tempfile.TemporaryDirectory(prefix="dbpool-bench-cg-") as tmp:
+        out = Path(tmp) / "callgrind.out"
+        proc = subprocess.run(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                "--dump-before=getppid",
+                f"--callgrind-out-file={out}",
+                sys.executable,
+                "-m",
+                "benchmarks.instructions",
+                "--worker",
+                "--url",
+                ctx.database_url,
+                "--variants",
+                ",".join(variants),
+                "--requests",
+                str(requests),
+                "--items",
+                str(ctx.profile.items),
+            ],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
+        phases: list[dict[str, Any]] | None = None
+        for line in proc.stdout.splitlines():
+            if line.startswith("PHASESJSON "):
+                phases = json.loads(line[len("PHASESJSON ") :])
+        if proc.returncode != 0 or phases is None:
+            raise RuntimeError(
+                f"instructions worker failed ({proc.returncode}):\n"
+                f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+            )
+        totals = _part_totals(Path(tmp), out.name)
+    # Part 1 runs up to the first mark; each batch is the part after its first mark:
+    # batch k (from 0) is part 2k + 2.
+    parts = []
+    for k, phase in enumerate(phases):
+        number = 2 * k + 2
+        if number not in totals:
+            raise RuntimeError(f"callgrind wrote no part {number}; parts: {sorted(totals)}")
+        parts.append(
+            Part(
+                phase["variant"], phase["route"], phase["requests"], totals[number], phase["errors"]
+            )
+        )
+    return parts
+
+
+def run(ctx: BenchContext) -> Report:
+    report = Report("instructions", "2b. Instructions per request (callgrind, deterministic)")
+    variants = list(VARIANTS)
+    requests = max(20, ctx.profile.inproc_requests // 2)
+    if shutil.which("valgrind") is None:
+        report.notes.append("valgrind is not installed: not measured (apt-get install valgrind)")
+        report.targets.append(
+            Target("instructions per request", "measured", "valgrind missing", None)
+        )
+        return report
+    ctx.log(
+        f"instructions: {len(variants)} variants x {len(ROUTES)} routes, {requests} requests "
+        "each, under callgrind (a few minutes)"
+    )
+    parts = measure(ctx, variants, requests)
+    by_route: dict[str, dict[str, Part]] = {}
+    for part in parts:
+        by_route.setdefault(part.route, {})[part.variant] = part
+    for route, by_variant in by_route.items():
+        report.tables.append(instructions_table(route, by_variant, requests))
+        report.targets.extend(instructions_targets(route, by_variant))
+    report.data = {
+        "requests": requests,
+        "concurrency": CONCURRENCY,
+        "parts": [p.__dict__ for p in parts],
+    }
+    report.notes.append(
+        "one run (instruction counts repeat within ~1% from run to run, so rounds add "
+        "nothing); 'speed' = bare instructions / variant instructions; PostgreSQL's "
+        "instructions are not counted."
+    )
+    return report
+
+
+def instructions_table(route: str, by_variant: dict[str, Part], requests: int) -> Table:
+    table = Table(
+        f"{ROUTE_TITLES.get(route, route)}: instructions per request, {requests} requests, "
+        f"{CONCURRENCY} concurrent callers",
+        [
+            "variant",
+            "instructions/req",
+            "speed vs bare",
+            "speed vs production",
+            "added vs bare",
+            "errors",
+        ],
+    )
+    bare = by_variant["bare"].per_request
+    production = by_variant["production"].per_request
+    for name, part in by_variant.items():
+        per = part.per_request
+        table.add(
+            LABELS.get(name, name),
+            fmt_int(per),
+            f"{bare / per:.3f}x",
+            f"{production / per:.3f}x",
+            f"{per - bare:+,.0f}",
+            part.errors,
+        )
+    return table
+
+
+def instructions_targets(route: str, by_variant: dict[str, Part]) -> list[Target]:
+    bare = by_variant["bare"].per_request
+    production = by_variant["production"].per_request
+    targets = []
+    for name in ("dbpool", "dbpool_instr"):
+        part = by_variant.get(name)
+        if part is None:
+            continue
+        per = part.per_request
+        targets.append(
+            Target(
+                f"in-process instructions, {ROUTE_TITLES[route]}, {LABELS[name]}",
+                ">= 1.00x bare and > 1.00x production",
+                f"{bare / per:.3f}x bare, {production / per:.3f}x production",
+                bare / per >= 1.0 and production / per > 1.0 and part.errors == 0,
+            )
+        )
+    ro = by_variant.get("dbpool_ro")
+    if ro is not None:
+        targets.append(
+            Target(
+                f"in-process instructions, {ROUTE_TITLES[route]}, {LABELS['dbpool_ro']}",
+                f">= {READ_ONLY_GOAL:.2f}x production",
+                f"{production / ro.per_request:.3f}x production, {bare / ro.per_request:.3f}x bare",
+                production / ro.per_request >= READ_ONLY_GOAL and ro.errors == 0,
+            )
+        )
+    return targets
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--worker"]:
+        worker(sys.argv[2:])
+    else:
+        raise SystemExit("run it through `python -m benchmarks --only instructions`")
