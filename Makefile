@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 EXTRAS := test,example,cli,otel
 SOURCES := fastapi_dbpool example_app tests
 
-.PHONY: venv run test lint fmt bench clean promtool
+.PHONY: venv run test lint fmt bench bench-tools clean promtool
 
 venv: $(STAMP)
 
@@ -44,7 +44,17 @@ fmt: venv
 	$(VENV)/bin/ruff check --fix $(SOURCES)
 	$(VENV)/bin/ruff format $(SOURCES)
 
-bench: venv
+# wrk (the HTTP load generator) and valgrind (instruction counts), from Debian's packages.
+# Best effort: without wrk the HTTP comparison uses a Python load generator, without
+# valgrind the instruction counts are reported as not measured.
+bench-tools:
+	@{ command -v wrk >/dev/null 2>&1 && command -v valgrind >/dev/null 2>&1; } || { \
+	  command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq --no-install-recommends wrk valgrind >/dev/null 2>&1; } || \
+	  echo "wrk or valgrind unavailable: see benchmarks/README.md"
+
+bench: venv bench-tools
 	$(PYTHON) -m benchmarks
 
 clean:

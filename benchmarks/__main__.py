@@ -44,6 +44,7 @@ from .common import (
 COMPARISONS = {
     "http": "benchmarks.http_throughput",
     "overhead": "benchmarks.overhead",
+    "instructions": "benchmarks.instructions",
     "checkout": "benchmarks.checkout",
     "burst": "benchmarks.burst",
     "burst_http": "benchmarks.burst_http",

@@ -64,6 +64,9 @@ class Profile:
     # 2. in-process overhead and 6. feature costs
     inproc_requests: int
     inproc_concurrency: int
+    # 2b. instructions (callgrind): requests per batch; variants (empty: all of them)
+    instructions_requests: int
+    instructions_variants: tuple[str, ...]
     # 3. checkout
     checkout_samples: int
     contention_waiters: tuple[int, ...]
@@ -91,6 +94,8 @@ PROFILES: dict[str, Profile] = {
         http_concurrency=(32, 256),
         inproc_requests=1500,
         inproc_concurrency=8,
+        instructions_requests=400,
+        instructions_variants=(),
         checkout_samples=3000,
         contention_waiters=(10, 100, 1000),
         contention_checkouts=3000,
@@ -113,6 +118,8 @@ PROFILES: dict[str, Profile] = {
         http_concurrency=(32, 256),
         inproc_requests=400,
         inproc_concurrency=8,
+        instructions_requests=150,
+        instructions_variants=(),
         checkout_samples=1000,
         contention_waiters=(10, 100, 1000),
         contention_checkouts=1200,
@@ -135,6 +142,8 @@ PROFILES: dict[str, Profile] = {
         http_concurrency=(4,),
         inproc_requests=10,
         inproc_concurrency=2,
+        instructions_requests=20,
+        instructions_variants=("bare", "production", "dbpool"),
         checkout_samples=20,
         contention_waiters=(4, 20),
         contention_checkouts=40,

@@ -21,7 +21,16 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-COMPARISONS = {"http", "overhead", "checkout", "burst", "burst_http", "memory", "features"}
+COMPARISONS = {
+    "http",
+    "overhead",
+    "instructions",
+    "checkout",
+    "burst",
+    "burst_http",
+    "memory",
+    "features",
+}
 
 
 async def test_every_benchmark_runs_with_tiny_sizes(database_url: str, tmp_path: Path) -> None:
@@ -43,7 +52,7 @@ async def test_every_benchmark_runs_with_tiny_sizes(database_url: str, tmp_path:
         env=env,
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     results = {
@@ -75,6 +84,12 @@ async def test_every_benchmark_runs_with_tiny_sizes(database_url: str, tmp_path:
         assert all(r["non_2xx"] == 0 and r["requests"] > 0 for r in by_variant["dbpool_ro"]), case
         # /bench/opened answered on every server (NaN when it did not).
         assert all(r["connections_opened"] >= 0 for rs in by_variant.values() for r in rs), case
+    # Instructions were counted by callgrind for every batch (when valgrind is there).
+    if shutil.which("valgrind"):
+        parts = results["instructions"]["data"]["parts"]
+        assert {p["variant"] for p in parts} == {"bare", "production", "dbpool"}
+        assert all(p["instructions"] > 100_000 * p["requests"] for p in parts), parts
+        assert all(p["errors"] == 0 for p in parts), parts
     for route, by_variant in results["overhead"]["data"]["batches"].items():
         assert by_variant["dbpool_ro"], route
         assert all(b["errors"] == 0 for b in by_variant["dbpool_ro"]), route
