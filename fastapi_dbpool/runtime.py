@@ -16,8 +16,8 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from starlette.routing import Match
 
-from .engines import Database, build_databases
 from .breaker import BreakerState
+from .engines import Database, build_databases
 from .errors import CheckoutTimeoutError, CircuitOpenError, DatabaseUnavailableError
 from .leaks import LeakTracker
 from .probe import DatabaseProbe
