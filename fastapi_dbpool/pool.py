@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, PoolProxiedConnection
 from sqlalchemy.util import memoized_property
+from sqlalchemy.util.concurrency import in_greenlet
 from sqlalchemy.util.queue import AsyncAdaptedQueue, Full
 
 from .breaker import CircuitBreaker, is_connection_failure
@@ -218,7 +219,10 @@ class InstrumentedQueuePool(AsyncAdaptedQueuePool):
             finally:
                 self._dec_overflow()
             return
-        if queue.qsize() > queue.maxsize:
+        if queue.qsize() > queue.maxsize and in_greenlet():
+            # Closing awaits the driver: only where SQLAlchemy can await (not when the
+            # garbage collector returns an abandoned connection); the runtime's task
+            # closes the rest.
             self.close_idle_overflow(now)
 
     def close_idle_overflow(self, now: float | None = None) -> int:
