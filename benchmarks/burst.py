@@ -33,6 +33,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -304,8 +305,20 @@ def run(ctx: BenchContext) -> Report:
     return report
 
 
-def _med(runs: list[BurstResult], get: Any) -> float:
+def _med(runs: Sequence[Any], get: Any) -> float:
     return Spread.of([float(get(b)) for b in runs]).median
+
+
+def errors_cell(runs: Sequence[Any]) -> str:
+    """The median of a burst's errors over rounds, and every kind seen in any round."""
+    kinds: dict[str, int] = {}
+    for b in runs:
+        for k, v in b.error_kinds.items():
+            kinds[k] = kinds.get(k, 0) + v
+    text = fmt_int(_med(runs, lambda b: b.errors))
+    if kinds:
+        text += f" (all rounds: {', '.join(f'{k} x{v}' for k, v in kinds.items())})"
+    return text
 
 
 def burst_table(results: dict[str, list[BurstResult]], ctx: BenchContext) -> Table:
@@ -332,21 +345,12 @@ def burst_table(results: dict[str, list[BurstResult]], ctx: BenchContext) -> Tab
     )
     for variant, runs in results.items():
         n = p.burst_requests
-        kinds: dict[str, int] = {}
-        for b in runs:
-            for k, v in b.error_kinds.items():
-                kinds[k] = kinds.get(k, 0) + v
         leaks = [b.leaks for b in runs if b.leaks is not None]
         table.add(
             LABELS[variant],
             fmt_int(_med(runs, lambda b: b.served)),
             fmt_int(_med(runs, lambda b: b.shed_503)),
-            fmt_int(_med(runs, lambda b: b.errors))
-            + (
-                f" (all rounds: {', '.join(f'{k} x{v}' for k, v in kinds.items())})"
-                if kinds
-                else ""
-            ),
+            errors_cell(runs),
             f"{_med(runs, lambda b: b.within_deadline_own) / n:.1%}",
             f"{_med(runs, lambda b: b.within_deadline_burst) / n:.1%}",
             fmt_float(_med(runs, lambda b: b.last_answer_s), 1),

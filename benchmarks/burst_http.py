@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from .apps import AppConfig
-from .burst import DEADLINE_GRACE, PROBE_EVERY, _leaks_from_metrics
+from .burst import DEADLINE_GRACE, PROBE_EVERY, _leaks_from_metrics, _med, errors_cell
 from .burst import LABELS as BURST_LABELS
 from .common import (
     REPO_ROOT,
@@ -795,10 +795,6 @@ def run(ctx: BenchContext) -> Report:
     return report
 
 
-def _med(runs: list[HttpBurstResult], get: Callable[[HttpBurstResult], float]) -> float:
-    return Spread.of([float(get(b)) for b in runs]).median
-
-
 def burst_table(results: dict[str, list[HttpBurstResult]], ctx: BenchContext) -> Table:
     p = ctx.profile
     n = p.burst_requests
@@ -823,22 +819,13 @@ def burst_table(results: dict[str, list[HttpBurstResult]], ctx: BenchContext) ->
         ],
     )
     for variant, runs in results.items():
-        kinds: dict[str, int] = {}
-        for b in runs:
-            for k, v in b.error_kinds.items():
-                kinds[k] = kinds.get(k, 0) + v
         leaks = [b.leaks for b in runs if b.leaks is not None]
         held = [b.checked_out_after for b in runs if b.checked_out_after is not None]
         table.add(
             LABELS[variant],
             fmt_int(_med(runs, lambda b: b.served)),
             fmt_int(_med(runs, lambda b: b.shed_503)),
-            fmt_int(_med(runs, lambda b: b.errors))
-            + (
-                f" (all rounds: {', '.join(f'{k} x{v}' for k, v in kinds.items())})"
-                if kinds
-                else ""
-            ),
+            errors_cell(runs),
             f"{_med(runs, lambda b: b.within_deadline) / n:.1%}",
             fmt_float(_med(runs, lambda b: b.last_answer_s), 2),
             fmt_float(_med(runs, lambda b: b.latency_p99_s), 2),
