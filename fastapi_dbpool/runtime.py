@@ -196,14 +196,9 @@ class DBPoolRuntime:
         routes = getattr(getattr(app, "router", None), "routes", None)
         if not routes:
             return None
-        route = None
-        for candidate in routes:
-            match, _ = candidate.matches(scope)
-            if match is Match.FULL:
-                route = candidate
-                break
-            if match is Match.PARTIAL:
-                return None  # a method mismatch: the app answers 405 itself
+        # As the router does: the first full match (a path match with another method
+        # is only partial; with no full match the app answers 405 or 404 itself).
+        route = next((r for r in routes if r.matches(scope)[0] is Match.FULL), None)
         if route is None or db.name not in self.route_databases.get(id(route), ()):
             return None
         try:

@@ -340,8 +340,19 @@ async def test_a_saturated_pool_refuses_database_routes_at_the_door(database_url
     async def nodb() -> dict[str, str]:
         return {"status": "fine"}
 
+    # One path, two methods: GET (defined first) never uses the database, POST always.
+    @app.get("/pair")
+    async def pair_read() -> dict[str, str]:
+        return {"status": "fine"}
+
+    @app.post("/pair", dependencies=[Depends(auth)])
+    async def pair_write(session: AsyncSession = Depends(get_session)) -> dict[str, int]:
+        return {"value": (await session.execute(text("SELECT 1"))).scalar_one()}
+
     async with client_for(app) as client:
-        # Learn: /counted always asks for the database, /maybe not always.
+        # Learn: /counted and POST /pair always ask for the database, /maybe not always.
+        assert (await client.post("/pair")).status_code == 200
+        ran["auth"] = 0
         assert (await client.get("/counted")).status_code == 200
         assert (await client.get("/maybe?db=yes")).status_code == 200
         assert (await client.get("/maybe")).status_code == 200
@@ -363,7 +374,11 @@ async def test_a_saturated_pool_refuses_database_routes_at_the_door(database_url
         assert (await client.get("/maybe?db=yes")).status_code == 503
         assert (await client.get("/nodb")).json() == {"status": "fine"}
         assert (await client.get("/health/live")).status_code == 200
-        assert db.stats.refused == 2
+        # The same path's other method is matched as the router matches it.
+        assert (await client.post("/pair")).status_code == 503
+        assert (await client.get("/pair")).json() == {"status": "fine"}
+        assert ran["auth"] == 1
+        assert db.stats.refused == 3
 
         release.set()
         assert [r.status_code for r in await asyncio.gather(holder, queued)] == [200, 200]
