@@ -262,7 +262,7 @@ def run(ctx: BenchContext) -> Report:
         "instructions / variant instructions; PostgreSQL's instructions are not counted. "
         "Each batch ran twice, with the garbage collector off and on; the targets use the "
         "count with it off, the code path itself: under callgrind the library's batches "
-        "triggered ~10x more collections than the same requests at full speed, where "
+        "triggered 30-60x more collections per request than at full speed, where "
         "gc.callbacks timed the collector at 0.1 us (plain) and 0.3-1.0 us (library) per "
         "request (docs/performance.md)."
     )
