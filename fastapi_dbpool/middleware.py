@@ -95,18 +95,7 @@ class DBPoolMiddleware:
         if runtime.route_databases:
             refused = runtime.refuse_at_door(scope)
             if refused is not None:
-                # Refused before the app runs: the same answer get_session would give a
-                # moment later, without routing, dependencies and an exception through
-                # every layer, which under a burst of thousands keeps the event loop busy
-                # long enough for the requests being served to miss their deadlines.
-                logger.debug(
-                    ANSWERED_MESSAGE,
-                    503,
-                    type(refused).__name__,
-                    "at the door",
-                    extra={"status": 503, "error": type(refused).__name__},
-                )
-                await _send_error(send, _refusal(refused, runtime))
+                await answer_refusal(send, refused.error, runtime)
                 return
         ctx = RequestContext(runtime, scope, receive)
         token = current_request.set(ctx)
@@ -133,7 +122,7 @@ class DBPoolMiddleware:
                                 # No 2xx for a write that did not commit.
                                 replaced = True
                                 await ctx.release()
-                                await _send_error(send, _commit_failure(exc, runtime))
+                                await send_error(send, _commit_failure(exc, runtime))
                                 return
                         if _has_content_length(message):
                             await ctx.release()
@@ -184,7 +173,7 @@ class DBPoolMiddleware:
                         "route": scope_route(ctx.scope),
                     },
                 )
-                await _send_error(send, mapped)
+                await send_error(send, mapped)
                 return
             await ctx.finish()
         finally:
@@ -192,9 +181,23 @@ class DBPoolMiddleware:
             current_request.reset(token)
 
 
-def _refusal(exc: Exception, runtime: DBPoolRuntime) -> ErrorResponse:
+async def answer_refusal(send: Send, exc: Exception, runtime: DBPoolRuntime) -> ErrorResponse:
+    """Answer a request refused at the door (``DBPoolRuntime.refuse_at_door``).
+
+    The same answer get_session would give a moment later, without routing, dependencies
+    and an exception through every layer, which under a burst of thousands keeps the
+    event loop busy long enough for the requests being served to miss their deadlines.
+    """
     mapped = map_exception(exc, checkout_timeout=runtime.settings.checkout_timeout)
     assert mapped is not None  # a DatabaseUnavailableError always maps
+    logger.debug(
+        ANSWERED_MESSAGE,
+        mapped.status,
+        type(exc).__name__,
+        "at the door",
+        extra={"status": mapped.status, "error": type(exc).__name__},
+    )
+    await send_error(send, mapped)
     return mapped
 
 
@@ -214,7 +217,8 @@ def _commit_failure(exc: Exception, runtime: DBPoolRuntime) -> ErrorResponse:
     return ErrorResponse(500, "the change could not be saved")
 
 
-async def _send_error(send: Send, error: ErrorResponse) -> None:
+async def send_error(send: Send, error: ErrorResponse) -> None:
+    """Send an error response: status line, headers and the JSON body."""
     await send({"type": "http.response.start", "status": error.status, "headers": error.headers()})
     await send({"type": "http.response.body", "body": error.body()})
 

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from starlette.routing import Match
@@ -30,6 +30,13 @@ logger = logging.getLogger("fastapi_dbpool")
 
 #: Routes whose database use is remembered (a bound, for apps that add routes at runtime).
 MAX_LEARNED_ROUTES = 10_000
+
+
+class Refusal(NamedTuple):
+    """A request refused at the door: why, and the route it asked for."""
+
+    error: DatabaseUnavailableError
+    route: Any
 
 
 class DBPoolRuntime:
@@ -53,6 +60,8 @@ class DBPoolRuntime:
         #: that refuses everything now (pool saturated, breaker open) is refused at the
         #: door, before the framework, the app's dependencies and the body are processed.
         self.route_databases: dict[int, frozenset[str]] = {}
+        #: (method, path) -> the route the router picks for it, for refuse_at_door.
+        self._door_routes: dict[tuple[Any, Any], Any] = {}
         self._idle = asyncio.Event()
         self._idle.set()
         self.leaks = LeakTracker(
@@ -182,8 +191,8 @@ class DBPoolRuntime:
                 return db
         return None
 
-    def refuse_at_door(self, scope: Mapping[str, Any]) -> DatabaseUnavailableError | None:
-        """The error for a request refused before the app runs, or None to let it in.
+    def refuse_at_door(self, scope: Mapping[str, Any]) -> Refusal | None:
+        """The refusal of a request before the app runs, or None to let it in.
 
         Only while a database refuses everything, and only for a route every request of
         which so far needed that database; other requests go their normal way (they may
@@ -192,19 +201,27 @@ class DBPoolRuntime:
         db = self.refusing()
         if db is None:
             return None
-        app = scope.get("app")
-        routes = getattr(getattr(app, "router", None), "routes", None)
-        if not routes:
-            return None
-        # As the router does: the first full match (a path match with another method
-        # is only partial; with no full match the app answers 405 or 404 itself).
-        route = next((r for r in routes if r.matches(scope)[0] is Match.FULL), None)
-        if route is None or db.name not in self.route_databases.get(id(route), ()):
+        key = (scope.get("method"), scope.get("path"))
+        route = self._door_routes.get(key)
+        if route is None:
+            app = scope.get("app")
+            routes = getattr(getattr(app, "router", None), "routes", None)
+            if not routes:
+                return None
+            # As the router does: the first full match (a path match with another
+            # method is only partial; with no full match the app answers 405 or 404).
+            route = next((r for r in routes if r.matches(scope)[0] is Match.FULL), None)
+            if route is None:
+                return None
+            if len(self._door_routes) < MAX_LEARNED_ROUTES:
+                # A burst asks for the same paths again and again: match each once.
+                self._door_routes[key] = route
+        if db.name not in self.route_databases.get(id(route), ()):
             return None
         try:
             self.check_available(db)
         except DatabaseUnavailableError as exc:
-            return exc
+            return Refusal(exc, route)
         return None
 
     def request_started(self) -> None:

@@ -314,11 +314,29 @@ async def test_a_full_queue_answers_503_at_once_instead_of_waiting(database_url:
     assert refusals == 1
 
 
-async def test_a_saturated_pool_refuses_database_routes_at_the_door(database_url: str) -> None:
+def http_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Prometheus text -> {(sample name, ((label, value), ...)): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+@pytest.mark.parametrize("http_metrics", [True, False], ids=["metrics", "no-metrics"])
+async def test_a_saturated_pool_refuses_database_routes_at_the_door(
+    database_url: str, http_metrics: bool
+) -> None:
     """While the queue is full, a route whose requests always needed the database is
     refused before any of the app's code runs; other routes are served as usual."""
     app, holding, release = holding_app(
-        database_url, pool_size=1, checkout_timeout=5.0, max_waiting=1
+        database_url,
+        pool_size=1,
+        checkout_timeout=5.0,
+        max_waiting=1,
+        http_metrics=http_metrics,
     )
     ran = {"auth": 0}
 
@@ -379,6 +397,17 @@ async def test_a_saturated_pool_refuses_database_routes_at_the_door(database_url
         assert (await client.get("/pair")).json() == {"status": "fine"}
         assert ran["auth"] == 1
         assert db.stats.refused == 3
+        # Counted in the HTTP metrics exactly as the instrumentator counts the 503 of the
+        # normal path (GET /maybe?db=yes, refused by get_session).
+        samples = http_samples((await client.get("/metrics")).text)
+        for handler, method in (("/counted", "GET"), ("/pair", "POST"), ("/maybe", "GET")):
+            labels = {"handler": handler, "method": method}
+            total = samples.get(("http_requests_total", (*labels.items(), ("status", "5xx"))))
+            assert total == (1 if http_metrics else None)
+            if http_metrics:
+                durations = ("http_request_duration_seconds_count", tuple(labels.items()))
+                assert samples[durations] >= 1
+                assert samples[("http_response_size_bytes_count", (("handler", handler),))] >= 1
 
         release.set()
         assert [r.status_code for r in await asyncio.gather(holder, queued)] == [200, 200]
