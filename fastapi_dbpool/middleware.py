@@ -75,7 +75,8 @@ class DBPoolMiddleware:
         if not isinstance(runtime, DBPoolRuntime):
             raise NotInstalledError(LIFESPAN_MISSING)
         if kind == "http":
-            await self._request(runtime, scope, receive, send)
+            # Reached through HTTPMetrics, which has already checked the door.
+            await self._request(runtime, scope, receive, send, door=False)
             return
         ctx = RequestContext(runtime, scope, receive)
         token = current_request.set(ctx)
@@ -90,9 +91,15 @@ class DBPoolMiddleware:
                 current_request.reset(token)
 
     async def _request(
-        self, runtime: DBPoolRuntime, scope: Scope, receive: Receive, send: Send
+        self,
+        runtime: DBPoolRuntime,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        *,
+        door: bool = True,
     ) -> None:
-        if runtime.route_databases:
+        if door and runtime.route_databases:
             refused = runtime.refuse_at_door(scope)
             if refused is not None:
                 await answer_refusal(send, refused.error, runtime)
