@@ -241,10 +241,10 @@ class InstrumentedQueuePool(AsyncAdaptedQueuePool):
             entry = queue.pop_oldest(cutoff)
             if entry is None:
                 break
-            try:
-                entry.close()
-            finally:
-                self._dec_overflow()
+            # Counted out before the close awaits the driver: meanwhile the connection is
+            # neither idle nor checked out, and the pool's numbers must not say it is.
+            self._dec_overflow()
+            entry.close()
             closed += 1
         return closed
 
