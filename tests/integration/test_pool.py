@@ -13,16 +13,18 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import asyncpg
 import pytest
+from fastapi import Depends, FastAPI
 from sqlalchemy import event, text
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 
-from fastapi_dbpool import get_runtime
+from fastapi_dbpool import get_runtime, get_session
 from fastapi_dbpool.pool import InstrumentedQueuePool
 from tests.helpers import wait_until
 from tests.helpers.apps import client_for, make_app, settings_for
-from tests.helpers.pg import count_app_connections
+from tests.helpers.pg import asyncpg_dsn, count_app_connections
 
 pytestmark = pytest.mark.asyncio
 
@@ -184,3 +186,56 @@ async def test_fixed_pool_is_sqlalchemys_own_queue(database_url: str) -> None:
         assert isinstance(pool, InstrumentedQueuePool)
         assert type(pool._pool).__name__ == "AsyncAdaptedQueue"
         assert pool.close_idle_overflow() == 0
+
+
+async def _terminate(admin_url: str, pid: int) -> None:
+    conn = await asyncpg.connect(asyncpg_dsn(admin_url))
+    try:
+        await conn.execute("SELECT pg_terminate_backend($1)", pid)
+        # Terminated means gone: wait for the backend to leave pg_stat_activity.
+        await wait_until(
+            lambda: conn.fetchval("SELECT count(*) = 0 FROM pg_stat_activity WHERE pid = $1", pid),
+            timeout=5,
+        )
+    finally:
+        await conn.close()
+
+
+def pid_app(database_url: str, **overrides: Any) -> FastAPI:
+    app = make_app(settings_for(database_url, pool_size=1, max_overflow=0, **overrides))
+
+    @app.get("/pid")
+    async def pid(session: AsyncSession = Depends(get_session)) -> dict[str, int]:
+        return {"pid": (await session.execute(text("SELECT pg_backend_pid()"))).scalar_one()}
+
+    return app
+
+
+async def test_a_connection_idle_past_pre_ping_idle_is_validated(
+    database_url: str, admin_url: str
+) -> None:
+    """Its server side died while it sat idle: the checkout notices and opens a new one."""
+    app = pid_app(database_url, pre_ping_idle=0.05)
+    async with client_for(app) as client:
+        first = (await client.get("/pid")).json()["pid"]
+        returned = time.monotonic()
+        await _terminate(admin_url, first)
+        await wait_until(lambda: time.monotonic() - returned > 0.05, timeout=5)
+        response = await client.get("/pid")
+    assert response.status_code == 200
+    assert response.json()["pid"] != first
+
+
+async def test_a_connection_used_recently_is_not_validated(
+    database_url: str, admin_url: str
+) -> None:
+    """No round trip for a connection back from use a moment ago: a dead one is found by
+    the request itself (503), which is the price of not pinging busy connections."""
+    app = pid_app(database_url, pre_ping_idle=60.0)
+    async with client_for(app) as client:
+        first = (await client.get("/pid")).json()["pid"]
+        await _terminate(admin_url, first)
+        response = await client.get("/pid")
+        after = await client.get("/pid")
+    assert response.status_code == 503
+    assert after.status_code == 200 and after.json()["pid"] != first
