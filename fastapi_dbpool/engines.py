@@ -31,7 +31,7 @@ from .context import current_request
 from .errors import ConfigurationError, DatabaseUnavailableError, DeadlineExceededError
 from .failover import FailoverConnector
 from .leaks import USED_AFTER_REQUEST, Checkout, LeakTracker, capture_stack
-from .pool import InstrumentedQueuePool, PoolStats, attach
+from .pool import IDLE_SINCE, InstrumentedQueuePool, PoolStats, attach
 from .sessions import AUTOCOMMIT_KEY, READ_ONLY_KEY, DBPoolSyncSession, ReadOnlySyncSession
 from .settings import DBPoolSettings, safe_url
 from .sizing import BudgetError, PoolBudget, ServerLimits, plan_pool
@@ -40,7 +40,6 @@ from .telemetry import CLIENT_DEADLINE, LOCK_TIMEOUT, STATEMENT_TIMEOUT
 logger = logging.getLogger("fastapi_dbpool")
 
 #: Keys of ``ConnectionPoolEntry.info`` this module owns.
-_CHECKED_IN_AT = "dbpool_checked_in_at"
 _CLIENT_TIMEOUT_CHANGED = "dbpool_client_timeout_changed"
 _OPENED_AT = "dbpool_opened_at"
 
@@ -244,7 +243,7 @@ class Database:
 
         def on_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
             now = monotonic()
-            record.info[_CHECKED_IN_AT] = now
+            record.info[IDLE_SINCE] = now
             record.info[_OPENED_AT] = now
             # A new connection reached the server: evidence the database is up.
             if breaker.failures or not breaker.is_closed:
@@ -257,7 +256,8 @@ class Database:
             dbapi_connection: Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
         ) -> None:
             now = monotonic()
-            if pre_ping and now - record.info.get(_CHECKED_IN_AT, now) > idle_limit:
+            # Stamped by the pool when the connection came back (and when it was opened).
+            if pre_ping and now - record.info.get(IDLE_SINCE, now) > idle_limit:
                 _ping(dbapi_connection)
             owner = current_request.get()
             checkout = Checkout(
@@ -281,7 +281,6 @@ class Database:
 
         def on_checkin(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
             now = monotonic()
-            record.info[_CHECKED_IN_AT] = now
             checkout = checked_out.pop(id(record), None)
             if checkout is not None:
                 use_time.observe(now - checkout.started)

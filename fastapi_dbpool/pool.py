@@ -205,12 +205,13 @@ class InstrumentedQueuePool(AsyncAdaptedQueuePool):
             self._pool = _RoomyQueue(pool_size, use_lifo, capacity)
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
+        # The one idle stamp: idle validation at checkout (engines.py) reads it too.
+        now = time.monotonic()
+        record.info[IDLE_SINCE] = now
         queue = self._pool
         if not isinstance(queue, _RoomyQueue):
             super()._do_return_conn(record)
             return
-        now = time.monotonic()
-        record.info[IDLE_SINCE] = now
         try:
             queue.put(record, False)
         except Full:  # cannot happen: the queue has room for every connection
