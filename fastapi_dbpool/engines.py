@@ -308,6 +308,12 @@ class Database:
 
         def on_error(context: ExceptionContext) -> None:
             original = context.original_exception
+            if not isinstance(original, Exception):
+                # The task was cancelled mid-statement (the client left, a deadline of the
+                # app's, shutdown): SQLAlchemy discards the connection, whose protocol
+                # state is unknown, but the database did nothing wrong. Counting these
+                # would open the breaker on a healthy database when clients give up.
+                return
             if context.is_disconnect or is_connection_failure(original):
                 ctx = current_request.get()
                 if ctx is not None:
