@@ -86,6 +86,24 @@ async def _admin_connect(url: str | URL, connect_timeout: float = 10.0) -> Any:
     )
 
 
+async def app_backends(url: str | URL, application_name: str) -> list[Any]:
+    """The ``state`` and ``query`` of the server's backends named ``application_name``.
+
+    The connection used to ask is not included.
+    """
+    conn = await _admin_connect(url)
+    try:
+        return list(
+            await conn.fetch(
+                "SELECT state, query FROM pg_stat_activity "
+                "WHERE application_name = $1 AND pid <> pg_backend_pid()",
+                application_name,
+            )
+        )
+    finally:
+        await conn.close()
+
+
 async def count_app_connections(admin_url: str | URL, application_name: str) -> int:
     """Count the server's backends whose ``application_name`` is ``application_name``.
 

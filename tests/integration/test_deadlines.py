@@ -17,21 +17,8 @@ import fastapi_dbpool as dbpool
 from fastapi_dbpool import get_session
 from tests.helpers import wait_until
 from tests.helpers.apps import client_for, holding_app, make_app, serve, settings_for
+from tests.helpers.pg import app_backends
 from tests.integration.test_sessions import checked_out, create_items, plain_dsn
-
-
-async def activity(url: str, application_name: str) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(plain_dsn(url))
-    try:
-        return list(
-            await conn.fetch(
-                "SELECT state, query FROM pg_stat_activity "
-                "WHERE application_name = $1 AND pid <> pg_backend_pid()",
-                application_name,
-            )
-        )
-    finally:
-        await conn.close()
 
 
 async def test_no_pooled_connection_within_checkout_timeout_is_503_with_retry_after(
@@ -75,7 +62,7 @@ async def test_statement_timeout_is_enforced_by_the_server_as_504(database_url: 
         assert response.json() == {"detail": "the database statement exceeded its time limit"}
         assert 0.45 <= elapsed < 2.0
         # The query is gone from the server and nothing is left idle in a transaction.
-        rows = await activity(database_url, "dbpool-st")
+        rows = await app_backends(database_url, "dbpool-st")
         assert not [r for r in rows if "pg_sleep" in (r["query"] or "") and r["state"] == "active"]
         assert not [r for r in rows if r["state"] == "idle in transaction"]
         assert checked_out(app) == 0
@@ -155,7 +142,7 @@ async def test_client_disconnect_cancels_the_query_and_frees_the_connection(
         await session.execute(text("SELECT pg_sleep(60)"))
 
     async def query_running() -> bool:
-        rows = await activity(database_url, "dbpool-disc")
+        rows = await app_backends(database_url, "dbpool-disc")
         return any("pg_sleep" in (r["query"] or "") and r["state"] == "active" for r in rows)
 
     async def query_gone() -> bool:
@@ -177,7 +164,7 @@ async def test_client_disconnect_cancels_the_query_and_frees_the_connection(
             return checked_out(app) == 0
 
         await wait_until(pool_free, 3, message="connection back in the pool")
-        rows = await activity(database_url, "dbpool-disc")
+        rows = await app_backends(database_url, "dbpool-disc")
         assert not [r for r in rows if r["state"] in ("idle in transaction", "active")]
         # A client leaving is not a database failure: the breaker counted nothing.
         assert dbpool.get_runtime(app).databases["primary"].breaker.failures == 0

@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
+import anyio
 import asyncpg
 import httpx
 import pytest
 from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException
 from fastapi.responses import StreamingResponse
-from sqlalchemy import text
+from sqlalchemy import event, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession
 
 import fastapi_dbpool as dbpool
 from fastapi_dbpool import get_session
+from tests.helpers import wait_until
 from tests.helpers.apps import client_for, make_app, settings_for
+from tests.helpers.pg import app_backends
+from tests.helpers.proxy import FaultProxy
 
 
 def plain_dsn(url: str) -> str:
@@ -433,3 +439,138 @@ async def test_library_hooks_stay_off_the_apps_own_sessions(database_url: str) -
             with pytest.raises(dbpool.ReadOnlySessionError):
                 await ro.execute(insert(table("items", column("name"))).values(name="ro"))
     assert await item_names(database_url) == ["own"]
+
+
+def _proxied_app(proxy: FaultProxy, database_url: str, name: str) -> FastAPI:
+    return make_app(
+        settings_for(
+            proxy.url_for(database_url),
+            pool_size=1,
+            max_overflow=0,
+            checkout_timeout=5,
+            application_name=name,
+        )
+    )
+
+
+async def _cancel(request: asyncio.Task[Any], scope: anyio.CancelScope, cancellation: str) -> None:
+    """Cancel ``request`` once (asyncio) or through its anyio scope (again at every await)."""
+    if cancellation == "scope":
+        scope.cancel()
+    else:
+        request.cancel()
+
+
+@pytest.mark.parametrize("cancellation", ["once", "scope"])
+async def test_a_request_cancelled_while_its_release_is_in_flight_gives_the_connection_back(
+    database_url: str, cancellation: str
+) -> None:
+    # The release's ROLLBACK is held by the network when the request's task is cancelled:
+    # once (asyncio: uvicorn's shutdown, a client gone) or by an anyio cancel scope, which
+    # cancels every await inside it again until the scope is left. The pool's one
+    # connection must come back, usable, and the breaker learns nothing from it.
+    server = make_url(database_url)
+    proxy = await FaultProxy(server.host or "127.0.0.1", server.port or 5432).start()
+    app = _proxied_app(proxy, database_url, "dbpool-cancel-release")
+    rolling_back = asyncio.Event()
+
+    @app.get("/q")
+    async def query(session: AsyncSession = Depends(get_session)) -> dict[str, int]:
+        return {"value": (await session.execute(text("SELECT 1"))).scalar_one()}
+
+    try:
+        async with client_for(app) as client:
+            database = dbpool.get_runtime(app).databases["primary"]
+            assert (await client.get("/q")).status_code == 200
+
+            def hold_the_rollback(conn: Any) -> None:
+                proxy.blackhole()  # the ROLLBACK about to be sent is held on the wire
+                rolling_back.set()
+
+            event.listen(database.engine.sync_engine, "rollback", hold_the_rollback)
+            scope = anyio.CancelScope()
+
+            async def call() -> httpx.Response:
+                with scope:
+                    return await client.get("/q")
+                raise AssertionError("cancelled")
+
+            request = asyncio.create_task(call())
+            await asyncio.wait_for(rolling_back.wait(), 5)
+            event.remove(database.engine.sync_engine, "rollback", hold_the_rollback)
+            await _cancel(request, scope, cancellation)
+            # The cancellation reaches the request while the ROLLBACK's answer is held.
+            await asyncio.wait([request], timeout=0.2)
+            proxy.passthrough()
+            with contextlib.suppress(asyncio.CancelledError, AssertionError):
+                await asyncio.wait_for(request, 10)
+            await wait_until(lambda: checked_out(app) == 0, 5, message="connection back")
+            # The pool's only connection serves the next request.
+            after = await client.get("/q")
+            assert after.status_code == 200 and after.json() == {"value": 1}
+            assert database.breaker.failures == 0
+            rows = await app_backends(database_url, "dbpool-cancel-release")
+            assert not [r for r in rows if r["state"] != "idle"]
+    finally:
+        await proxy.stop()
+
+
+@pytest.mark.parametrize("cancellation", ["once", "scope"])
+async def test_a_request_cancelled_while_its_release_waits_for_a_spawned_statement(
+    database_url: str, cancellation: str
+) -> None:
+    # The handler left a task running a statement on the request's session; the release
+    # waits for that statement before closing the session, and the request is cancelled
+    # meanwhile. Nothing has reached the driver yet, so nothing discards the connection
+    # by itself: the release must still close the session once the statement is done.
+    app = make_app(settings_for(database_url, pool_size=1, max_overflow=0, checkout_timeout=5))
+    spawned: list[asyncio.Task[Any]] = []
+    on_server = asyncio.Event()
+
+    @app.get("/spawn")
+    async def spawn(session: AsyncSession = Depends(get_session)) -> dict[str, str]:
+        # Waits on a lock the test holds: the session is busy in that task.
+        statement = session.execute(text("SELECT pg_advisory_xact_lock(4242)"))
+        spawned.append(asyncio.ensure_future(statement))
+        await on_server.wait()
+        return {"status": "spawned"}
+
+    @app.get("/q")
+    async def query(session: AsyncSession = Depends(get_session)) -> dict[str, int]:
+        return {"value": (await session.execute(text("SELECT 1"))).scalar_one()}
+
+    locker = await asyncpg.connect(plain_dsn(database_url))
+    try:
+        lock = locker.transaction()
+        await lock.start()
+        await locker.execute("SELECT pg_advisory_xact_lock(4242)")
+        async with client_for(app) as client:
+            scope = anyio.CancelScope()
+
+            async def call() -> httpx.Response:
+                with scope:
+                    return await client.get("/spawn")
+                raise AssertionError("cancelled")
+
+            request = asyncio.create_task(call())
+
+            async def waiting_on_the_lock() -> bool:
+                rows = await app_backends(database_url, "dbpool-test")
+                return any("4242" in (r["query"] or "") and r["state"] == "active" for r in rows)
+
+            await wait_until(waiting_on_the_lock, 5, message="spawned statement waiting")
+            on_server.set()
+            # The release waits for the spawned statement: the request cannot end.
+            done, _ = await asyncio.wait([request], timeout=0.2)
+            assert not done and checked_out(app) == 1
+            await _cancel(request, scope, cancellation)
+            await asyncio.wait([request], timeout=0.2)
+            await lock.rollback()  # the spawned statement gets its lock and ends
+            with contextlib.suppress(asyncio.CancelledError, AssertionError):
+                await asyncio.wait_for(request, 5)
+            await asyncio.wait_for(spawned[0], 5)
+            await wait_until(lambda: checked_out(app) == 0, 5, message="connection back")
+            after = await client.get("/q")
+            assert after.status_code == 200 and after.json() == {"value": 1}
+    finally:
+        await locker.close()
