@@ -13,6 +13,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -31,7 +32,8 @@ logger = logging.getLogger("fastapi_dbpool")
 _NOTHING: frozenset[str] = frozenset()
 
 #: A request still running this long after it first used the database starts watching
-#: for the client's disconnect (cheaper than watching every request from the start).
+#: for the client's disconnect (cheaper than watching every request from the start). The
+#: runtime looks for such requests every ``DISCONNECT_WATCH_DELAY / 2`` seconds.
 DISCONNECT_WATCH_DELAY = 0.25
 
 
@@ -44,7 +46,6 @@ class RequestContext:
         "_ready",
         "_receive",
         "_responded",
-        "_timer",
         "_watcher",
         "cancelled_on_disconnect",
         "extra_sessions",
@@ -56,6 +57,7 @@ class RequestContext:
         "sessions",
         "task",
         "used",
+        "watch_due",
     )
 
     def __init__(self, runtime: DBPoolRuntime, scope: Scope, receive: Receive) -> None:
@@ -72,7 +74,8 @@ class RequestContext:
         self.task: asyncio.Task[Any] | None = None
         self.cancelled_on_disconnect = False
         self._receive = receive
-        self._timer: asyncio.TimerHandle | None = None
+        #: ``time.monotonic()`` from which to watch for the client leaving; 0.0: not yet.
+        self.watch_due = 0.0
         self._watcher: asyncio.Task[None] | None = None
         self._buffer: collections.deque[Message] | None = None
         self._ready: asyncio.Event | None = None
@@ -167,8 +170,6 @@ class RequestContext:
         took and still holds now (a spawned task's connection, a factory session left
         open) is reported as leaked before the factory sessions are closed.
         """
-        if self._timer is not None:
-            self._timer.cancel()
         if self._watcher is not None:
             self._watcher.cancel()
         await self.release()
@@ -205,25 +206,29 @@ class RequestContext:
     def response_complete(self) -> None:
         """The last byte of the response was handed to the server: stop watching."""
         self._responded = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
 
     def _arm_disconnect_watch(self) -> None:
-        if self._timer is None and not self._responded and self.scope["type"] == "http":
+        # Queued for the runtime's sweep (DBPoolRuntime.watch_disconnects) rather than a
+        # timer per request: most requests are over long before the delay, and a timer's
+        # arming and cancelling cost more than the request's own disconnect watch logic.
+        if not self.watch_due and not self._responded and self.scope["type"] == "http":
             self.task = asyncio.current_task()
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_later(DISCONNECT_WATCH_DELAY, self._start_watch)
+            if DISCONNECT_WATCH_DELAY <= 0:
+                self.watch_due = time.monotonic()
+                self.start_watch()
+                return
+            self.watch_due = time.monotonic() + DISCONNECT_WATCH_DELAY
+            self.runtime.disconnect_watch.append(self)
 
-    def _start_watch(self) -> None:
-        self._timer = None
+    def start_watch(self) -> None:
+        """Watch for the client leaving, if this request still runs (the runtime's sweep)."""
         if self.finished or self._responded or self._watcher is not None:
             return
         if self._app_receiving:
             # The application is reading the body itself; look again later rather than
             # race it for the next message.
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_later(DISCONNECT_WATCH_DELAY, self._start_watch)
+            self.watch_due = time.monotonic() + DISCONNECT_WATCH_DELAY
+            self.runtime.disconnect_watch.append(self)
             return
         self._buffer = collections.deque()
         self._ready = asyncio.Event()

@@ -8,20 +8,23 @@ two tests) in one process never share a pool.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from starlette.routing import Match
 
+from . import requests as _requests
 from .breaker import BreakerState
 from .engines import Database, build_databases
 from .errors import CheckoutTimeoutError, CircuitOpenError, DatabaseUnavailableError
 from .leaks import LeakTracker
 from .probe import DatabaseProbe
-from .requests import unknown_database
+from .requests import RequestContext, unknown_database
 from .sessions import RequestSession
 from .settings import DBPoolSettings
 from .telemetry import Telemetry, from_settings
@@ -73,6 +76,10 @@ class DBPoolRuntime:
             db.leaks = self.leaks
         self._leak_scan: asyncio.Task[None] | None = None
         self._overflow_trim: asyncio.Task[None] | None = None
+        #: Requests that used a database, in the order they did: from their
+        #: ``watch_due`` on, those still running watch for their client leaving.
+        self.disconnect_watch: collections.deque[RequestContext] = collections.deque()
+        self._disconnect_sweep: asyncio.Task[None] | None = None
         #: OpenTelemetry, when on (decided once, in :meth:`start`); None when off.
         self.telemetry: Telemetry | None = None
         timeout = min(settings.connect_timeout, settings.health_check_interval)
@@ -102,11 +109,29 @@ class DBPoolRuntime:
         runtime._leak_scan = loop.create_task(
             runtime.leaks.run(list(runtime.databases.values())), name="fastapi_dbpool.leaks"
         )
+        runtime._disconnect_sweep = loop.create_task(
+            runtime.watch_disconnects(), name="fastapi_dbpool.disconnects"
+        )
         if any(db.budget.max_overflow for db in runtime.databases.values()):
             runtime._overflow_trim = loop.create_task(
                 runtime._close_idle_overflow(), name="fastapi_dbpool.overflow"
             )
         return runtime
+
+    async def watch_disconnects(self) -> None:
+        """Start the disconnect watch of requests running past the delay, until cancelled.
+
+        Requests queue themselves in time order as they first use a database; each sweep
+        takes those whose ``watch_due`` has come (most have finished by then and cost
+        a pop). A watch starts between ``DISCONNECT_WATCH_DELAY`` and 1.5 times it after
+        a request's first use of the database.
+        """
+        queue = self.disconnect_watch
+        while True:
+            await asyncio.sleep(max(0.01, _requests.DISCONNECT_WATCH_DELAY / 2))
+            now = time.monotonic()
+            while queue and queue[0].watch_due <= now:
+                queue.popleft().start_watch()
 
     async def _close_idle_overflow(self) -> None:
         """Close idle overflow connections of pools that went quiet, until cancelled."""
@@ -259,7 +284,7 @@ class DBPoolRuntime:
                     extra={"in_flight": self.in_flight},
                 )
         await asyncio.gather(*(probe.stop() for probe in self.probes.values()))
-        for task in (self._leak_scan, self._overflow_trim):
+        for task in (self._leak_scan, self._overflow_trim, self._disconnect_sweep):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
