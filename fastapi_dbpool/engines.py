@@ -30,17 +30,16 @@ from .breaker import CircuitBreaker, is_connection_failure
 from .context import current_request
 from .errors import ConfigurationError, DatabaseUnavailableError, DeadlineExceededError
 from .failover import FailoverConnector
-from .leaks import USED_AFTER_REQUEST, Checkout, LeakTracker, capture_stack
-from .pool import IDLE_SINCE, InstrumentedQueuePool, PoolStats, attach
-from .sessions import AUTOCOMMIT_KEY, READ_ONLY_KEY, DBPoolSyncSession, ReadOnlySyncSession
+from .leaks import Checkout, LeakTracker
+from .pool import CLIENT_TIMEOUT_CHANGED, IDLE_SINCE, InstrumentedQueuePool, PoolStats, attach
+from .sessions import READ_ONLY_KEY, DBPoolSyncSession, ReadOnlySyncSession
 from .settings import DBPoolSettings, safe_url
 from .sizing import BudgetError, PoolBudget, ServerLimits, plan_pool
 from .telemetry import CLIENT_DEADLINE, LOCK_TIMEOUT, STATEMENT_TIMEOUT
 
 logger = logging.getLogger("fastapi_dbpool")
 
-#: Keys of ``ConnectionPoolEntry.info`` this module owns.
-_CLIENT_TIMEOUT_CHANGED = "dbpool_client_timeout_changed"
+#: Key of ``ConnectionPoolEntry.info``: ``time.monotonic()`` when it was opened.
 _OPENED_AT = "dbpool_opened_at"
 
 _LIMITS_QUERY = """
@@ -86,6 +85,8 @@ class Database:
         self.budget = budget
         self.server = server
         self.checked_out: dict[int, Checkout] = {}
+        #: Record the user's frames with each checkout (DB_LEAK_TRACK_STACK).
+        self.track_stack = settings.leak_track_stack
         self.max_waiting = settings.max_waiting or 20 * budget.max_size
         #: Set by the runtime: where leaks are reported.
         self.leaks: LeakTracker | None = None
@@ -119,7 +120,7 @@ class Database:
             connect_args=connect_args(settings),
             **extra,
         )
-        attach(self.engine.sync_engine.pool, self.stats, self.breaker, settings.pool_overflow_idle)
+        attach(self.engine.sync_engine.pool, self)
         self.sessionmaker: async_sessionmaker[Any] = async_sessionmaker(
             self.engine,
             class_=session_class,
@@ -129,7 +130,7 @@ class Database:
         # Read-only routes: each statement is its own implicit transaction, so a request
         # costs the statement's round trip alone, not BEGIN + statement + ROLLBACK.
         # (sessions.py switches the connection's driver to autocommit when such a session
-        # begins; the checkin event below switches it back.)
+        # begins; the pool switches it back at checkin.)
         self.read_only_sessionmaker: async_sessionmaker[Any] = async_sessionmaker(
             self.engine,
             class_=session_class,
@@ -182,7 +183,7 @@ class Database:
         driver._config = config._replace(
             command_timeout=timeout + self.settings.client_timeout_grace
         )
-        fairy.info[_CLIENT_TIMEOUT_CHANGED] = True
+        fairy.info[CLIENT_TIMEOUT_CHANGED] = True
 
     async def warm(self) -> None:
         """Open ``pool_size`` connections now so the first requests pay no connect."""
@@ -236,7 +237,6 @@ class Database:
     def _install_pool_events(self) -> None:
         pre_ping = self.settings.pool_pre_ping
         idle_limit = self.settings.pre_ping_idle
-        checked_out = self.checked_out
         monotonic = time.monotonic
 
         breaker = self.breaker
@@ -249,53 +249,13 @@ class Database:
             if breaker.failures or not breaker.is_closed:
                 breaker.record_success()
 
-        track_stack = self.settings.leak_track_stack
-        current_task = asyncio.current_task
-
         def on_checkout(
             dbapi_connection: Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
         ) -> None:
-            now = monotonic()
             # Stamped by the pool when the connection came back (and when it was opened).
-            if pre_ping and now - record.info.get(IDLE_SINCE, now) > idle_limit:
-                _ping(dbapi_connection)
-            owner = current_request.get()
-            checkout = Checkout(
-                record,
-                proxy,
-                now,
-                owner,
-                current_task(),
-                capture_stack() if track_stack else (),
-            )
-            checked_out[id(record)] = checkout
-            if owner is not None:
-                owner.held += 1
-                if owner.finished and self.leaks is not None:
-                    # The request is over, yet something it handed out took a connection.
-                    self.leaks.report(self, checkout, USED_AFTER_REQUEST, now)
-
-        default_client_timeout = self.settings.command_timeout + self.settings.client_timeout_grace
-
-        use_time = self.stats.use_time
-
-        def on_checkin(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
             now = monotonic()
-            checkout = checked_out.pop(id(record), None)
-            if checkout is not None:
-                use_time.observe(now - checkout.started)
-                if checkout.owner is not None:
-                    checkout.owner.held -= 1
-                otel = self.stats.otel
-                if otel is not None:
-                    otel.checked_in(now - checkout.started)
-                if checkout.reported is not None and self.leaks is not None:
-                    self.leaks.returned(self, checkout, now)
-            if record.info.pop(AUTOCOMMIT_KEY, False) and dbapi_connection is not None:
-                dbapi_connection.autocommit = False
-            if record.info.pop(_CLIENT_TIMEOUT_CHANGED, False) and dbapi_connection is not None:
-                driver = dbapi_connection.driver_connection
-                driver._config = driver._config._replace(command_timeout=default_client_timeout)
+            if now - record.info.get(IDLE_SINCE, now) > idle_limit:
+                _ping(dbapi_connection)
 
         name = self.name
         client_deadline = self.settings.command_timeout + self.settings.client_timeout_grace
@@ -364,8 +324,8 @@ class Database:
         event.listen(self.engine.sync_engine, "handle_error", on_error)
         pool = self.engine.sync_engine.pool
         event.listen(pool, "connect", on_connect)
-        event.listen(pool, "checkout", on_checkout)
-        event.listen(pool, "checkin", on_checkin)
+        if pre_ping:
+            event.listen(pool, "checkout", on_checkout)
 
 
 def _opened_at(context: ExceptionContext) -> float | None:

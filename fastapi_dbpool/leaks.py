@@ -25,7 +25,6 @@ import logging
 import os
 import sys
 import time
-import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import FrameType
@@ -104,19 +103,17 @@ class LeakReport:
 class Checkout:
     """One connection while it is checked out of the pool."""
 
-    __slots__ = ("fairy", "owner", "record", "reported", "slow", "stack", "started", "task")
+    __slots__ = ("owner", "record", "reported", "slow", "stack", "started", "task")
 
     def __init__(
         self,
         record: Any,
-        fairy: Any,
         started: float,
         owner: RequestContext | None,
         task: asyncio.Task[Any] | None,
         stack: tuple[str, ...],
     ) -> None:
         self.record = record
-        self.fairy = weakref.ref(fairy) if fairy is not None else None
         self.started = started
         self.owner = owner
         self.task = task
@@ -277,7 +274,10 @@ class LeakTracker:
                 self._reclaim(db, checkout, held)
 
     def _reclaim(self, db: Database, checkout: Checkout, held: float) -> None:
-        fairy = checkout.fairy() if checkout.fairy is not None else None
+        # The record's holder now (SQLAlchemy keeps a weak reference to it while the
+        # connection is out; this checkout is the current one: checkins remove theirs).
+        fairy_ref = checkout.record.fairy_ref
+        fairy = fairy_ref() if fairy_ref is not None else None
         db.checked_out.pop(id(checkout.record), None)
         if fairy is None:
             return

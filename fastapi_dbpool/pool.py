@@ -6,6 +6,11 @@ OpenTelemetry read them at scrape/collection time, so a checkout never pays for 
 exporter, and two apps in one process never share a number. Only OpenTelemetry's
 duration histograms (and checkout spans) need a call per observation: ``stats.otel``,
 None unless OpenTelemetry is on (see ``telemetry.py``).
+
+The pool also records who holds each checked-out connection (leak tracking, see
+``leaks.py``) and puts a connection's per-checkout state back at checkin, in its own
+``connect`` and ``_do_return_conn``: SQLAlchemy's checkout and checkin events would do
+the same at the price of an event dispatch each, on every request.
 """
 
 from __future__ import annotations
@@ -24,8 +29,11 @@ from sqlalchemy.util.queue import AsyncAdaptedQueue, Full
 from .breaker import CircuitBreaker, is_connection_failure
 from .context import current_request
 from .errors import CheckoutTimeoutError
+from .leaks import USED_AFTER_REQUEST, Checkout, capture_stack
+from .sessions import AUTOCOMMIT_KEY
 
 if TYPE_CHECKING:
+    from .engines import Database
     from .telemetry import PoolTelemetry
 
 #: Bucket upper bounds (seconds) of the checkout-wait and connection-time histograms.
@@ -124,6 +132,8 @@ class PoolStats:
 
 #: Key of ``ConnectionPoolEntry.info``: ``time.monotonic()`` when it was last returned.
 IDLE_SINCE = "dbpool_idle_since"
+#: Key of ``ConnectionPoolEntry.info``: a route changed the driver's client-side deadline.
+CLIENT_TIMEOUT_CHANGED = "dbpool_client_timeout_changed"
 
 #: Default of ``DB_POOL_OVERFLOW_IDLE``.
 OVERFLOW_IDLE = 30.0
@@ -177,10 +187,14 @@ class InstrumentedQueuePool(AsyncAdaptedQueuePool):
     # logging configuration expects them, not under our logger.
     _sqla_logger_namespace = "sqlalchemy.pool.impl.AsyncAdaptedQueuePool"
 
+    #: Set by ``attach``: the database this pool serves, its numbers and its breaker.
+    dbpool_db: Database
     dbpool_stats: PoolStats
     dbpool_breaker: CircuitBreaker
     #: Seconds an overflow connection may sit idle (set by ``attach``).
     overflow_idle: float = OVERFLOW_IDLE
+    #: The driver's client-side deadline, put back at checkin when a route changed it.
+    dbpool_client_timeout: float = 0.0
 
     def __init__(
         self,
@@ -205,9 +219,25 @@ class InstrumentedQueuePool(AsyncAdaptedQueuePool):
             self._pool = _RoomyQueue(pool_size, use_lifo, capacity)
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
-        # The one idle stamp: idle validation at checkout (engines.py) reads it too.
+        # Every checkin comes here (and a detached connection's record, never to be seen
+        # again as it was).
         now = time.monotonic()
-        record.info[IDLE_SINCE] = now
+        checkout = self.dbpool_db.checked_out.pop(id(record), None)
+        if checkout is not None:
+            held = now - checkout.started
+            stats = self.dbpool_stats
+            stats.use_time.observe(held)
+            if checkout.owner is not None:
+                checkout.owner.held -= 1
+            if stats.otel is not None:
+                stats.otel.checked_in(held)
+            if checkout.reported is not None:
+                self._returned_leak(checkout, now)
+        info = record.info
+        if AUTOCOMMIT_KEY in info or CLIENT_TIMEOUT_CHANGED in info:
+            self._reset_connection(record, info)
+        # The one idle stamp: idle validation at checkout (engines.py) reads it too.
+        info[IDLE_SINCE] = now
         queue = self._pool
         if not isinstance(queue, _RoomyQueue):
             super()._do_return_conn(record)
@@ -225,6 +255,20 @@ class InstrumentedQueuePool(AsyncAdaptedQueuePool):
             # garbage collector returns an abandoned connection); the runtime's task
             # closes the rest.
             self.close_idle_overflow(now)
+
+    def _returned_leak(self, checkout: Checkout, now: float) -> None:
+        db = self.dbpool_db
+        if db.leaks is not None:
+            db.leaks.returned(db, checkout, now)
+
+    def _reset_connection(self, record: ConnectionPoolEntry, info: dict[Any, Any]) -> None:
+        """Undo what a checkout changed on the driver (read-only autocommit, a deadline)."""
+        dbapi_connection: Any = record.dbapi_connection
+        if info.pop(AUTOCOMMIT_KEY, False) and dbapi_connection is not None:
+            dbapi_connection.autocommit = False
+        if info.pop(CLIENT_TIMEOUT_CHANGED, False) and dbapi_connection is not None:
+            driver = dbapi_connection.driver_connection
+            driver._config = driver._config._replace(command_timeout=self.dbpool_client_timeout)
 
     def close_idle_overflow(self, now: float | None = None) -> int:
         """Close idle connections beyond ``pool_size`` idle ``overflow_idle`` seconds.
@@ -252,7 +296,7 @@ class InstrumentedQueuePool(AsyncAdaptedQueuePool):
     def connect(self) -> PoolProxiedConnection:
         stats = self.dbpool_stats
         stats.waiting += 1
-        started = time.perf_counter()
+        started = time.monotonic()
         try:
             conn = super().connect()
         except sa_exc.TimeoutError:
@@ -265,11 +309,11 @@ class InstrumentedQueuePool(AsyncAdaptedQueuePool):
                 retry_after=self._timeout,
             )
             if stats.otel is not None:
-                stats.otel.checkout_failed(time.perf_counter() - started, error)
+                stats.otel.checkout_failed(time.monotonic() - started, error)
             raise error from None
         except Exception as exc:
             if stats.otel is not None:
-                stats.otel.checkout_failed(time.perf_counter() - started, exc)
+                stats.otel.checkout_failed(time.monotonic() - started, exc)
             # Opening (or reopening) a connection failed: SQLAlchemy's handle_error never
             # sees these (they are not DBAPI errors), so the breaker learns of them here.
             if is_connection_failure(exc):
@@ -282,10 +326,28 @@ class InstrumentedQueuePool(AsyncAdaptedQueuePool):
         finally:
             stats.waiting -= 1
         stats.checkouts += 1
-        wait = time.perf_counter() - started
+        now = time.monotonic()
+        wait = now - started
         stats.wait_time.observe(wait)
         if stats.otel is not None:
             stats.otel.checked_out(wait)
+        # Who holds it, for leak tracking (see leaks.py).
+        record: ConnectionPoolEntry = conn._connection_record
+        owner = current_request.get()
+        db = self.dbpool_db
+        checkout = Checkout(
+            record,
+            now,
+            owner,
+            asyncio.current_task(),
+            capture_stack() if db.track_stack else (),
+        )
+        db.checked_out[id(record)] = checkout
+        if owner is not None:
+            owner.held += 1
+            if owner.finished and db.leaks is not None:
+                # The request is over, yet something it handed out took a connection.
+                db.leaks.report(db, checkout, USED_AFTER_REQUEST, now)
         return conn
 
     def _create_connection(self) -> ConnectionPoolEntry:
@@ -301,14 +363,14 @@ class InstrumentedQueuePool(AsyncAdaptedQueuePool):
     def recreate(self) -> InstrumentedQueuePool:
         pool = super().recreate()
         assert isinstance(pool, InstrumentedQueuePool)
-        attach(pool, self.dbpool_stats, self.dbpool_breaker, self.overflow_idle)
+        attach(pool, self.dbpool_db)
         return pool
 
 
-def attach(
-    pool: Any, stats: PoolStats, breaker: CircuitBreaker, overflow_idle: float = OVERFLOW_IDLE
-) -> None:
-    """Give a freshly built pool its stats, breaker and overflow idle time."""
-    pool.dbpool_stats = stats
-    pool.dbpool_breaker = breaker
-    pool.overflow_idle = overflow_idle
+def attach(pool: Any, db: Database) -> None:
+    """Give a freshly built pool its database: numbers, breaker, settings, checkouts."""
+    pool.dbpool_db = db
+    pool.dbpool_stats = db.stats
+    pool.dbpool_breaker = db.breaker
+    pool.overflow_idle = db.settings.pool_overflow_idle
+    pool.dbpool_client_timeout = db.settings.command_timeout + db.settings.client_timeout_grace
