@@ -324,7 +324,10 @@ class Database:
         event.listen(self.engine.sync_engine, "handle_error", on_error)
         pool = self.engine.sync_engine.pool
         event.listen(pool, "connect", on_connect)
-        if pre_ping:
+        if pre_ping and self.failover is not None:
+            # After failover's own checkout listener, which replaces a connection to a
+            # server it moved away from before anything is sent on it; without failover
+            # the pool validates idle connections itself (pool.py, no event per checkout).
             event.listen(pool, "checkout", on_checkout)
 
 

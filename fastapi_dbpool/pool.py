@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, PoolProxiedConnection
-from sqlalchemy.util import memoized_property
+from sqlalchemy.util import await_, memoized_property
 from sqlalchemy.util.concurrency import in_greenlet
 from sqlalchemy.util.queue import AsyncAdaptedQueue, Full
 
@@ -195,6 +195,9 @@ class InstrumentedQueuePool(AsyncAdaptedQueuePool):
     overflow_idle: float = OVERFLOW_IDLE
     #: The driver's client-side deadline, put back at checkin when a route changed it.
     dbpool_client_timeout: float = 0.0
+    #: Validate a connection that sat idle longer than this (seconds) before handing it
+    #: out; None: here never (off, or done by a checkout listener after failover's own).
+    dbpool_ping_idle: float | None = None
 
     def __init__(
         self,
@@ -255,6 +258,21 @@ class InstrumentedQueuePool(AsyncAdaptedQueuePool):
             # garbage collector returns an abandoned connection); the runtime's task
             # closes the rest.
             self.close_idle_overflow(now)
+
+    def _do_get(self) -> ConnectionPoolEntry:
+        record = super()._do_get()
+        limit = self.dbpool_ping_idle
+        if limit is not None:
+            now = time.monotonic()
+            # Stamped when the connection came back (and when it was opened).
+            if now - record.info.get(IDLE_SINCE, now) > limit:
+                try:
+                    _validate(record)
+                except BaseException as err:
+                    # Cancelled mid-ping: what SQLAlchemy does when a checkout fails.
+                    record._checkin_failed(err, _fairy_was_created=False)  # type: ignore[attr-defined]
+                    raise
+        return record
 
     def _returned_leak(self, checkout: Checkout, now: float) -> None:
         db = self.dbpool_db
@@ -367,6 +385,22 @@ class InstrumentedQueuePool(AsyncAdaptedQueuePool):
         return pool
 
 
+def _validate(record: ConnectionPoolEntry) -> None:
+    """Ping an idle connection; if it is dead, discard it (SQLAlchemy then reconnects).
+
+    One round trip (";"), not SQLAlchemy's pre-ping (BEGIN/ping/ROLLBACK through a
+    checkout event). The checkout goes on with a new connection; a failure to open that
+    one is the checkout's failure, seen by the breaker.
+    """
+    dbapi_connection: Any = record.dbapi_connection
+    if dbapi_connection is None:
+        return  # invalidated already: SQLAlchemy reconnects it
+    try:
+        await_(dbapi_connection.driver_connection.fetchrow(";"))
+    except Exception as exc:
+        record.invalidate(exc)
+
+
 def attach(pool: Any, db: Database) -> None:
     """Give a freshly built pool its database: numbers, breaker, settings, checkouts."""
     pool.dbpool_db = db
@@ -374,3 +408,5 @@ def attach(pool: Any, db: Database) -> None:
     pool.dbpool_breaker = db.breaker
     pool.overflow_idle = db.settings.pool_overflow_idle
     pool.dbpool_client_timeout = db.settings.command_timeout + db.settings.client_timeout_grace
+    if db.settings.pool_pre_ping and db.failover is None:
+        pool.dbpool_ping_idle = db.settings.pre_ping_idle

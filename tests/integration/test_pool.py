@@ -17,6 +17,7 @@ import asyncpg
 import pytest
 from fastapi import Depends, FastAPI
 from sqlalchemy import event, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 
@@ -25,6 +26,7 @@ from fastapi_dbpool.pool import InstrumentedQueuePool
 from tests.helpers import wait_until
 from tests.helpers.apps import client_for, make_app, settings_for
 from tests.helpers.pg import asyncpg_dsn, count_app_connections
+from tests.helpers.proxy import FaultProxy
 
 pytestmark = pytest.mark.asyncio
 
@@ -239,3 +241,37 @@ async def test_a_connection_used_recently_is_not_validated(
         after = await client.get("/pid")
     assert response.status_code == 503
     assert after.status_code == 200 and after.json()["pid"] != first
+
+
+async def test_a_checkout_cancelled_while_validating_keeps_the_pool_whole(
+    database_url: str,
+) -> None:
+    """The request is cancelled while its idle connection's ping is held by the network:
+    the pool's only slot must come back (a lost record would shrink the pool for good)."""
+    server = make_url(database_url)
+    proxy = await FaultProxy(server.host or "127.0.0.1", server.port or 5432).start()
+    try:
+        app = pid_app(proxy.url_for(database_url), pre_ping_idle=0.05, checkout_timeout=3)
+        async with client_for(app) as client:
+            database = get_runtime(app).databases["primary"]
+            first = await client.get("/pid")
+            assert first.status_code == 200
+            returned = time.monotonic()
+            await wait_until(lambda: time.monotonic() - returned > 0.05, timeout=5)
+            proxy.blackhole()
+            request = asyncio.create_task(client.get("/pid"))
+            # Inside the checkout with a connection idle long enough to be pinged: the
+            # ping is on the wire, held.
+            await wait_until(lambda: database.stats.waiting == 1, timeout=5)
+            done, _ = await asyncio.wait([request], timeout=0.1)
+            assert not done
+            request.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await request
+            proxy.passthrough()
+            after = await client.get("/pid")
+            assert after.status_code == 200
+            assert database.pool_status()["checked_out"] == 0
+            assert database.stats.waiting == 0
+    finally:
+        await proxy.stop()
