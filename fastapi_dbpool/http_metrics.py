@@ -86,7 +86,7 @@ class HTTPMetrics:
         kind = scope["type"]
         if kind == "http":
             runtime = _runtime_of(scope)
-            if runtime is not None and runtime.settings.http_metrics:
+            if runtime is not None and runtime.http_metrics:
                 instrumented = self._instrumented or self._instrument()
                 if runtime.route_databases:
                     started = default_timer()
@@ -164,7 +164,7 @@ class HTTPMetrics:
         async def started(message: Message) -> None:
             if message["type"] == "lifespan.startup.complete":
                 runtime = _runtime_of(scope)
-                if runtime is not None and runtime.settings.http_metrics:
+                if runtime is not None and runtime.http_metrics:
                     # A clash with another instrumentator stops startup, not a request.
                     self._instrument()
             await send(message)

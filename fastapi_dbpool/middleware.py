@@ -58,7 +58,7 @@ class DBPoolMiddleware:
             runtime = state.get(STATE_KEY) if state else None
             if not isinstance(runtime, DBPoolRuntime):
                 raise NotInstalledError(LIFESPAN_MISSING)
-            if not runtime.settings.http_metrics:
+            if not runtime.http_metrics:
                 # No HTTP metrics: straight to the request, no wrapper layer to pass through
                 # at every await of the request.
                 await self._request(runtime, scope, receive, send)
@@ -111,7 +111,7 @@ class DBPoolMiddleware:
             started = False
             stream_open = False
             replaced = False
-            autocommit = runtime.settings.autocommit
+            autocommit = runtime.autocommit
 
             async def send_wrapper(message: Message) -> None:
                 nonlocal started, stream_open, replaced

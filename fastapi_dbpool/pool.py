@@ -170,6 +170,11 @@ class _RoomyQueue(AsyncAdaptedQueue[Any]):
         return entry
 
 
+# The base class's methods, called directly on the per-checkout path (cheaper than super()).
+_queue_pool_get = AsyncAdaptedQueuePool._do_get
+_pool_connect = AsyncAdaptedQueuePool.connect
+
+
 class InstrumentedQueuePool(AsyncAdaptedQueuePool):
     """SQLAlchemy's asyncio queue pool, timing checkouts and counting waiters.
 
@@ -260,7 +265,7 @@ class InstrumentedQueuePool(AsyncAdaptedQueuePool):
             self.close_idle_overflow(now)
 
     def _do_get(self) -> ConnectionPoolEntry:
-        record = super()._do_get()
+        record = _queue_pool_get(self)
         limit = self.dbpool_ping_idle
         if limit is not None:
             now = time.monotonic()
@@ -316,7 +321,7 @@ class InstrumentedQueuePool(AsyncAdaptedQueuePool):
         stats.waiting += 1
         started = time.monotonic()
         try:
-            conn = super().connect()
+            conn = _pool_connect(self)
         except sa_exc.TimeoutError:
             stats.checkout_timeouts += 1
             error = CheckoutTimeoutError(

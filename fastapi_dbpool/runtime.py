@@ -54,6 +54,10 @@ class DBPoolRuntime:
 
     def __init__(self, settings: DBPoolSettings, databases: Mapping[str, Database]) -> None:
         self.settings = settings
+        #: Settings every request reads, as plain attributes (DBPoolSettings is a pydantic
+        #: model: its attribute access costs more).
+        self.http_metrics = settings.http_metrics
+        self.autocommit = settings.autocommit
         self.databases = dict(databases)
         self.draining = False
         self.in_flight = 0
