@@ -8,7 +8,6 @@ two tests) in one process never share a pool.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import time
@@ -80,9 +79,9 @@ class DBPoolRuntime:
             db.leaks = self.leaks
         self._leak_scan: asyncio.Task[None] | None = None
         self._overflow_trim: asyncio.Task[None] | None = None
-        #: Requests that used a database, in the order they did: from their
-        #: ``watch_due`` on, those still running watch for their client leaving.
-        self.disconnect_watch: collections.deque[RequestContext] = collections.deque()
+        #: Requests running with a database session: from their ``watch_due`` on, they
+        #: watch for their client leaving (they leave the set as they finish).
+        self.watching: set[RequestContext] = set()
         self._disconnect_sweep: asyncio.Task[None] | None = None
         #: OpenTelemetry, when on (decided once, in :meth:`start`); None when off.
         self.telemetry: Telemetry | None = None
@@ -125,17 +124,17 @@ class DBPoolRuntime:
     async def watch_disconnects(self) -> None:
         """Start the disconnect watch of requests running past the delay, until cancelled.
 
-        Requests queue themselves in time order as they first use a database; each sweep
-        takes those whose ``watch_due`` has come (most have finished by then and cost
-        a pop). A watch starts between ``DISCONNECT_WATCH_DELAY`` and 1.5 times it after
-        a request's first use of the database.
+        Requests join ``watching`` as they first use a database and leave it as they
+        finish; each sweep starts the watch of those whose ``watch_due`` has come. A
+        watch starts between ``DISCONNECT_WATCH_DELAY`` and 1.5 times it after a
+        request's first use of the database.
         """
-        queue = self.disconnect_watch
+        watching = self.watching
         while True:
             await asyncio.sleep(max(0.01, _requests.DISCONNECT_WATCH_DELAY / 2))
             now = time.monotonic()
-            while queue and queue[0].watch_due <= now:
-                queue.popleft().start_watch()
+            for ctx in [c for c in watching if c.watch_due <= now]:
+                ctx.start_watch()
 
     async def _close_idle_overflow(self) -> None:
         """Close idle overflow connections of pools that went quiet, until cancelled."""

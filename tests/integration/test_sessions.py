@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import weakref
 from typing import Any
 
 import anyio
@@ -574,3 +576,31 @@ async def test_a_request_cancelled_while_its_release_waits_for_a_spawned_stateme
             assert after.status_code == 200 and after.json() == {"value": 1}
     finally:
         await locker.close()
+
+
+async def test_a_finished_request_is_not_kept_alive_by_its_statement_timers(
+    database_url: str,
+) -> None:
+    # asyncpg arms a timer per statement (the client-side deadline) in the request's
+    # context; asyncio's own loop keeps a cancelled timer queued until its deadline, and
+    # with it that context. What the request made must still be freed when it finishes,
+    # by reference counting alone (each kept alive meant garbage collections under load).
+    assert "uvloop" not in type(asyncio.get_running_loop()).__module__
+    app = make_app(settings_for(database_url, command_timeout=60))
+    made: weakref.WeakSet[AsyncSession] = weakref.WeakSet()
+
+    @app.get("/q")
+    async def query(session: AsyncSession = Depends(get_session)) -> dict[str, int]:
+        made.add(session)
+        return {"value": (await session.execute(text("SELECT 1"))).scalar_one()}
+
+    gc.disable()
+    try:
+        async with client_for(app) as client:
+            for _ in range(20):
+                assert (await client.get("/q")).status_code == 200
+            assert checked_out(app) == 0
+            alive = len(made)
+    finally:
+        gc.enable()
+    assert alive == 0
