@@ -22,6 +22,7 @@ from .breaker import BreakerState
 from .engines import Database, build_databases
 from .errors import CheckoutTimeoutError, CircuitOpenError, DatabaseUnavailableError
 from .leaks import LeakTracker
+from .liveness import LivenessServer, LoopHeartbeat
 from .probe import DatabaseProbe
 from .requests import RequestContext, unknown_database
 from .sessions import RequestSession
@@ -82,6 +83,8 @@ class DBPoolRuntime:
         #: watch for their client leaving (they leave the set as they finish).
         self.watching: set[RequestContext] = set()
         self._disconnect_sweep: asyncio.Task[None] | None = None
+        #: The liveness port's server (DB_LIVENESS_PORT), or None.
+        self.liveness: LivenessServer | None = None
         #: OpenTelemetry, when on (decided once, in :meth:`start`); None when off.
         self.telemetry: Telemetry | None = None
         timeout = min(settings.connect_timeout, settings.health_check_interval)
@@ -97,8 +100,24 @@ class DBPoolRuntime:
         Raises:
             ConfigurationError: A setting or the budget is invalid.
         """
-        databases = await build_databases(settings, RequestSession)
+        liveness = None
+        if settings.liveness_port is not None:
+            # First: a port that cannot be bound stops startup before any connection opens.
+            liveness = LivenessServer(
+                settings.liveness_host,
+                settings.liveness_port,
+                LoopHeartbeat(asyncio.get_running_loop()),
+                settings.liveness_max_lag,
+            )
+            liveness.start()
+        try:
+            databases = await build_databases(settings, RequestSession)
+        except BaseException:
+            if liveness is not None:
+                await liveness.stop()
+            raise
         runtime = cls(settings, databases)
+        runtime.liveness = liveness
         telemetry = from_settings(settings)
         if telemetry is not None:
             telemetry.attach(runtime)
@@ -295,4 +314,7 @@ class DBPoolRuntime:
             await db.dispose()
         if self.telemetry is not None:
             self.telemetry.detach()
+        if self.liveness is not None:
+            # Last: the pod stays alive (and says so) while it drains.
+            await self.liveness.stop()
         logger.info("engines disposed: %s", ", ".join(self.databases))

@@ -80,6 +80,9 @@ EXTRA_VARIABLES: list[tuple[str, str, str, Any]] = [
     ("DB_HEALTH_DETAILS", "health_details", "true", True),
     ("DB_DRAIN_TIMEOUT", "drain_timeout", "25", 25.0),
     ("DB_HTTP_METRICS", "http_metrics", "0", False),
+    ("DB_LIVENESS_PORT", "liveness_port", "8081", 8081),
+    ("DB_LIVENESS_HOST", "liveness_host", "127.0.0.1", "127.0.0.1"),
+    ("DB_LIVENESS_MAX_LAG", "liveness_max_lag", "5", 5.0),
 ]
 
 ALL_VARIABLES = CONTRACT_VARIABLES + EXTRA_VARIABLES
@@ -123,6 +126,9 @@ DOCUMENTED_DEFAULTS: dict[str, Any] = {
     "drain_timeout": 20.0,
     "otel": "auto",
     "http_metrics": True,
+    "liveness_port": None,
+    "liveness_host": "0.0.0.0",
+    "liveness_max_lag": 10.0,
 }
 
 SECONDS_VARIABLES = [
@@ -140,6 +146,7 @@ SECONDS_VARIABLES = [
     "DB_CIRCUIT_RECOVERY_TIMEOUT",
     "DB_HEALTH_CHECK_INTERVAL",
     "DB_DRAIN_TIMEOUT",
+    "DB_LIVENESS_MAX_LAG",
 ]
 
 BOOLEAN_VARIABLES = [
