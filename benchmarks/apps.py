@@ -15,7 +15,8 @@ Routes: ``/select1`` (``SELECT 1``), ``/items/{id}`` (a primary-key lookup),
 ``/hold?seconds=`` (holds its connection on the server, for the burst), ``/health/live``.
 Every variant gets the same pool size; ``app_from_env`` builds one for ``uvicorn
 --factory`` from ``BENCH_*`` environment variables, with ``/bench/opened`` (the database
-connections the server's pool has opened so far: pool churn shows there).
+connections the server's pool has opened so far: pool churn shows there);
+``BENCH_LIVENESS_PORT`` turns on the library's liveness port (``DB_LIVENESS_PORT``).
 """
 
 from __future__ import annotations
@@ -294,6 +295,11 @@ def app_from_env() -> FastAPI:
         pool_size=int(env.get("BENCH_POOL_SIZE", "10")),
         max_overflow=int(env.get("BENCH_MAX_OVERFLOW", "10")),
         checkout_timeout=float(env.get("BENCH_CHECKOUT_TIMEOUT", "30")),
+        settings=(
+            {"liveness_port": int(env["BENCH_LIVENESS_PORT"]), "liveness_host": "127.0.0.1"}
+            if env.get("BENCH_LIVENESS_PORT")
+            else {}
+        ),
     )
     # Every SQLAlchemy pool of this process (one variant per server process).
     event.listen(Pool, "connect", _count_connection)

@@ -60,9 +60,16 @@ def free_port() -> int:
 class UvicornServer:
     """One variant served by ``uvicorn --factory benchmarks.apps:app_from_env``."""
 
-    def __init__(self, variant: str, config: AppConfig, log_dir: Path) -> None:
+    def __init__(
+        self,
+        variant: str,
+        config: AppConfig,
+        log_dir: Path,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.variant = variant
         self.config = config
+        self.extra_env = extra_env or {}
         self.port = free_port()
         self.log_path = log_dir / f"{variant}.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -76,6 +83,7 @@ class UvicornServer:
             "BENCH_POOL_SIZE": str(self.config.pool_size),
             "BENCH_MAX_OVERFLOW": str(self.config.max_overflow),
             "BENCH_CHECKOUT_TIMEOUT": str(self.config.checkout_timeout),
+            **self.extra_env,
         }
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(

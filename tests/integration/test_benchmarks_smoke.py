@@ -77,6 +77,10 @@ async def test_every_benchmark_runs_with_tiny_sizes(database_url: str, tmp_path:
     for run in results["burst_http"]["data"]["runs"]["dbpool_instr"]:
         assert run["served"] + run["shed_503"] == run["requests"], run
         assert run["checked_out_after"] == 0, run
+        # The library's liveness port was probed beside the route, and answered 200.
+        assert run["liveness_port"], run
+        assert 0 < run["port_burst_probe_count"] == run["port_burst_probe_due"], run
+        assert run["port_probe_errors"] == 0, run
     # The read-only variant (Depends(dbpool.session(read_only=True))) ran and answered 200.
     assert results["http"]["features"]["read_only_routes"] == "implemented (read_only)"
     for case, by_variant in results["http"]["data"]["runs"].items():
