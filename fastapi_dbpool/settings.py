@@ -332,8 +332,8 @@ class DBPoolSettings:
     liveness_port: int | None = _setting(
         None, "DB_LIVENESS_PORT", int, "port of the liveness probe answered off the event loop"
     )
-    """Serve ``GET /health/live`` on this port from a thread of its own, answered from the
-    event loop's heartbeat: fast however busy the loop is, 503 once the loop has not run
+    """Serve ``GET /health/live`` on this port from a small process of its own, answered
+    from the event loop's heartbeat: fast however busy the loop is, 503 once the loop has not run
     for ``DB_LIVENESS_MAX_LAG`` seconds. Unset: off (the app's own ``/health/live`` route
     is there either way). 0 picks a free port (tests). See docs/health-and-kubernetes.md."""
 
