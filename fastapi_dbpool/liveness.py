@@ -125,6 +125,7 @@ class LivenessServer:
                     ],
                     pass_fds=(listener.fileno(), stamp_fd, stop_r),
                     stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,  # stderr stays the app's: tracebacks show
                     close_fds=True,
                 )
             except OSError as exc:

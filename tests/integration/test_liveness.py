@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import os
+import signal
 import socket
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -147,3 +151,46 @@ def test_liveness_settings_are_validated() -> None:
     settings = dbpool.DBPoolSettings.from_env({"DB_LIVENESS_PORT": "8081"})
     assert settings.liveness_port == 8081 and settings.liveness_max_lag == 10.0
     assert settings.liveness_max_lag > HEARTBEAT
+
+
+_HOLDER = """
+import asyncio, sys
+from fastapi_dbpool.liveness import LivenessServer, LoopHeartbeat
+
+async def main() -> None:
+    server = LivenessServer("127.0.0.1", 0, LoopHeartbeat(asyncio.get_running_loop()), 10.0)
+    server.start()
+    print(server.port, server._process.pid, flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+async def test_the_liveness_process_exits_when_the_app_process_dies() -> None:
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _HOLDER, stdout=asyncio.subprocess.PIPE
+    )
+    assert holder.stdout is not None
+    line = await asyncio.wait_for(holder.stdout.readline(), 30)
+    port, child = (int(x) for x in line.split())
+    status, _, _ = await asyncio.to_thread(probe, port)
+    assert status == 200
+    holder.kill()  # SIGKILL: no shutdown code runs in the app's process
+    await holder.wait()
+
+    def child_gone() -> bool:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return True
+        # Still there: a zombie of the dead parent counts as gone once reaped by init.
+        return Path(f"/proc/{child}/stat").read_text().split()[2] == "Z"
+
+    try:
+        await wait_until(child_gone, 5, message="liveness process exited")
+    finally:
+        if not child_gone():
+            os.kill(child, signal.SIGKILL)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
