@@ -797,7 +797,7 @@ def run(ctx: BenchContext) -> Report:
         f"+ {DEADLINE_GRACE:g} s from GO; 'other errors' = any status but 200 and 503 "
         "with Retry-After, resets, EOFs, no answer; values are medians over rounds.",
         "liveness port: the same prober, another process, on the library's "
-        "DB_LIVENESS_PORT (a thread answering from the event loop's heartbeat), beside the "
+        "DB_LIVENESS_PORT (a small process answering from the event loop's heartbeat), beside the "
         "app's route; FastAPI alone and the plain pattern have no such port.",
         f"/health/live: another process, one keep-alive connection, a probe due every "
         f"{PROBE_EVERY * 1e3:.0f} ms, latency from the due time; the columns cover the "

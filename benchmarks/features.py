@@ -131,7 +131,8 @@ def run(ctx: BenchContext) -> Report:
     report.tables.append(scrape_table)
     report.notes.append(
         "Pool metrics cost nothing per request: counters are plain integers updated by the "
-        "pool events and read when /metrics is scraped; there is no switch to turn them off."
+        "pool at checkout and checkin and read when /metrics is scraped; there is no switch "
+        "to turn them off."
     )
     report.notes.extend(f"{VARIANTS[n][0]}: {why}" for n, why in skipped.items())
     report.data = {

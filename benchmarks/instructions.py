@@ -261,10 +261,9 @@ def run(ctx: BenchContext) -> Report:
         "one run: the counts repeat within ~1% (PYTHONHASHSEED=0); 'speed' = bare "
         "instructions / variant instructions; PostgreSQL's instructions are not counted. "
         "Each batch ran twice, with the garbage collector off and on; the targets use the "
-        "count with it off, the code path itself: under callgrind the library's batches "
-        "triggered 30-60x more collections per request than at full speed, where "
-        "gc.callbacks timed the collector at 0.1 us (plain) and 0.3-1.0 us (library) per "
-        "request (docs/performance.md)."
+        "count with it off, the code path itself. The two agree when the library keeps "
+        "nothing alive past a request (earlier versions did, and paid in collections: "
+        "docs/performance.md)."
     )
     return report
 

@@ -455,6 +455,20 @@ def _proxied_app(proxy: FaultProxy, database_url: str, name: str) -> FastAPI:
     )
 
 
+def _get_in_a_cancel_scope(
+    client: httpx.AsyncClient, path: str
+) -> tuple[asyncio.Task[httpx.Response], anyio.CancelScope]:
+    """``GET path`` in a task, inside an anyio cancel scope of its own."""
+    scope = anyio.CancelScope()
+
+    async def call() -> httpx.Response:
+        with scope:
+            return await client.get(path)
+        raise AssertionError("cancelled")
+
+    return asyncio.create_task(call()), scope
+
+
 async def _cancel(request: asyncio.Task[Any], scope: anyio.CancelScope, cancellation: str) -> None:
     """Cancel ``request`` once (asyncio) or through its anyio scope (again at every await)."""
     if cancellation == "scope":
@@ -490,14 +504,7 @@ async def test_a_request_cancelled_while_its_release_is_in_flight_gives_the_conn
                 rolling_back.set()
 
             event.listen(database.engine.sync_engine, "rollback", hold_the_rollback)
-            scope = anyio.CancelScope()
-
-            async def call() -> httpx.Response:
-                with scope:
-                    return await client.get("/q")
-                raise AssertionError("cancelled")
-
-            request = asyncio.create_task(call())
+            request, scope = _get_in_a_cancel_scope(client, "/q")
             await asyncio.wait_for(rolling_back.wait(), 5)
             event.remove(database.engine.sync_engine, "rollback", hold_the_rollback)
             await _cancel(request, scope, cancellation)
@@ -547,14 +554,7 @@ async def test_a_request_cancelled_while_its_release_waits_for_a_spawned_stateme
         await lock.start()
         await locker.execute("SELECT pg_advisory_xact_lock(4242)")
         async with client_for(app) as client:
-            scope = anyio.CancelScope()
-
-            async def call() -> httpx.Response:
-                with scope:
-                    return await client.get("/spawn")
-                raise AssertionError("cancelled")
-
-            request = asyncio.create_task(call())
+            request, scope = _get_in_a_cancel_scope(client, "/spawn")
 
             async def waiting_on_the_lock() -> bool:
                 rows = await app_backends(database_url, "dbpool-test")
