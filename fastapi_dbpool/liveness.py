@@ -40,7 +40,7 @@ class LoopHeartbeat:
     """The event loop's pulse: a callback on the loop stamps ``time.monotonic()``.
 
     The stamp goes to ``last`` and, once :meth:`share` gave it one, to a file the
-    liveness process reads.
+    liveness process reads (``liveness_child.SharedHeartbeat.lag``).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, interval: float = HEARTBEAT) -> None:
@@ -66,10 +66,6 @@ class LoopHeartbeat:
         if self._file is not None:
             os.pwrite(self._file.fileno(), STAMP.pack(self.last), 0)
         self._handle = self.loop.call_later(self.interval, self._stamp)
-
-    def lag(self) -> float:
-        """Seconds the loop is late: how long past its due time the next stamp is."""
-        return max(0.0, time.monotonic() - self.last - self.interval)
 
     def stop(self) -> None:
         if self._handle is not None:

@@ -318,6 +318,8 @@ def scope_route(scope: Scope) -> str | None:
 
 #: Key of ``AsyncSession.info``: the task finishing a close that a cancellation broke off.
 _CLOSING_KEY = "dbpool_closing"
+#: Name of that task.
+RELEASE_TASK = "fastapi_dbpool.release"
 
 
 async def _close_shielded(sess: AsyncSession) -> None:
@@ -340,7 +342,9 @@ async def _close_shielded(sess: AsyncSession) -> None:
         except asyncio.CancelledError:
             if not sess.in_transaction():
                 raise
-            pending = sess.info[_CLOSING_KEY] = asyncio.ensure_future(_close_when_idle(sess))
+            pending = sess.info[_CLOSING_KEY] = asyncio.get_running_loop().create_task(
+                _close_when_idle(sess), name=RELEASE_TASK
+            )
             pending.add_done_callback(lambda _: sess.info.pop(_CLOSING_KEY, None))
             # Cancelled again (an anyio scope): the task goes on by itself.
             await asyncio.wait([pending])

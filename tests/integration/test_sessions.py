@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 import fastapi_dbpool as dbpool
 from fastapi_dbpool import get_session
+from fastapi_dbpool.requests import RELEASE_TASK
 from tests.helpers import wait_until
 from tests.helpers.apps import client_for, make_app, settings_for
 from tests.helpers.pg import app_backends
@@ -504,12 +505,15 @@ async def test_a_request_cancelled_while_its_release_is_in_flight_gives_the_conn
                 rolling_back.set()
 
             event.listen(database.engine.sync_engine, "rollback", hold_the_rollback)
+            invalidated = asyncio.Event()
+            event.listen(database.pool, "invalidate", lambda *_: invalidated.set())
             request, scope = _get_in_a_cancel_scope(client, "/q")
             await asyncio.wait_for(rolling_back.wait(), 5)
             event.remove(database.engine.sync_engine, "rollback", hold_the_rollback)
             await _cancel(request, scope, cancellation)
-            # The cancellation reaches the request while the ROLLBACK's answer is held.
-            await asyncio.wait([request], timeout=0.2)
+            # The cancellation reaches the request while the ROLLBACK's answer is held: the
+            # connection, its state unknown, is discarded.
+            await asyncio.wait_for(invalidated.wait(), 5)
             proxy.passthrough()
             with contextlib.suppress(asyncio.CancelledError, AssertionError):
                 await asyncio.wait_for(request, 10)
@@ -566,7 +570,12 @@ async def test_a_request_cancelled_while_its_release_waits_for_a_spawned_stateme
             done, _ = await asyncio.wait([request], timeout=0.2)
             assert not done and checked_out(app) == 1
             await _cancel(request, scope, cancellation)
-            await asyncio.wait([request], timeout=0.2)
+
+            def finishing_in_a_task() -> bool:
+                return any(t.get_name() == RELEASE_TASK for t in asyncio.all_tasks())
+
+            # The cancellation reached the release while it waited: a task finishes it.
+            await wait_until(finishing_in_a_task, 5, message="release continued in a task")
             await lock.rollback()  # the spawned statement gets its lock and ends
             with contextlib.suppress(asyncio.CancelledError, AssertionError):
                 await asyncio.wait_for(request, 5)
