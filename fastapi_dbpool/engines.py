@@ -24,14 +24,22 @@ from sqlalchemy.engine import URL, Connection, ExceptionContext
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
-from sqlalchemy.util import await_, greenlet_spawn
+from sqlalchemy.util import greenlet_spawn
 
 from .breaker import CircuitBreaker, is_connection_failure
 from .context import current_request
 from .errors import ConfigurationError, DatabaseUnavailableError, DeadlineExceededError
 from .failover import FailoverConnector
 from .leaks import Checkout, LeakTracker
-from .pool import CLIENT_TIMEOUT_CHANGED, IDLE_SINCE, InstrumentedQueuePool, PoolStats, attach
+from .pool import (
+    CLIENT_TIMEOUT_CHANGED,
+    IDLE_SINCE,
+    InstrumentedQueuePool,
+    PoolStats,
+    attach,
+    idle_longer_than,
+    ping,
+)
 from .sessions import READ_ONLY_KEY, DBPoolSyncSession, ReadOnlySyncSession
 from .settings import DBPoolSettings, safe_url
 from .sizing import BudgetError, PoolBudget, ServerLimits, plan_pool
@@ -252,10 +260,13 @@ class Database:
         def on_checkout(
             dbapi_connection: Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
         ) -> None:
-            # Stamped by the pool when the connection came back (and when it was opened).
-            now = monotonic()
-            if now - record.info.get(IDLE_SINCE, now) > idle_limit:
-                _ping(dbapi_connection)
+            if idle_longer_than(record, idle_limit):
+                failure = ping(dbapi_connection)
+                if failure is not None:
+                    # The pool discards this connection and tries a fresh one.
+                    raise DisconnectionError(
+                        f"idle connection failed validation: {type(failure).__name__}"
+                    ) from failure
 
         name = self.name
         client_deadline = self.settings.command_timeout + self.settings.client_timeout_grace
@@ -340,17 +351,6 @@ def _opened_at(context: ExceptionContext) -> float | None:
     except Exception:
         return None
     return opened if isinstance(opened, float) else None
-
-
-def _ping(dbapi_connection: Any) -> None:
-    # One round trip (";"), not SQLAlchemy's BEGIN/ping/ROLLBACK; raising
-    # DisconnectionError makes the pool discard this connection and try a fresh one.
-    try:
-        await_(dbapi_connection.driver_connection.fetchrow(";"))
-    except Exception as exc:
-        raise DisconnectionError(
-            f"idle connection failed validation: {type(exc).__name__}"
-        ) from exc
 
 
 def connect_args(settings: DBPoolSettings) -> dict[str, Any]:

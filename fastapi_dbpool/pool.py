@@ -267,12 +267,15 @@ class InstrumentedQueuePool(AsyncAdaptedQueuePool):
     def _do_get(self) -> ConnectionPoolEntry:
         record = _queue_pool_get(self)
         limit = self.dbpool_ping_idle
-        if limit is not None:
-            now = time.monotonic()
-            # Stamped when the connection came back (and when it was opened).
-            if now - record.info.get(IDLE_SINCE, now) > limit:
+        if limit is not None and idle_longer_than(record, limit):
+            dbapi_connection: Any = record.dbapi_connection
+            if dbapi_connection is not None:  # None: invalidated, SQLAlchemy reconnects it
                 try:
-                    _validate(record)
+                    failure = ping(dbapi_connection)
+                    if failure is not None:
+                        # Dead: discard it; SQLAlchemy opens a new one for this checkout
+                        # (a failure to open that one is the checkout's, seen by the breaker).
+                        record.invalidate(failure)
                 except BaseException as err:
                     # Cancelled mid-ping: what SQLAlchemy does when a checkout fails.
                     record._checkin_failed(err, _fairy_was_created=False)  # type: ignore[attr-defined]
@@ -390,20 +393,28 @@ class InstrumentedQueuePool(AsyncAdaptedQueuePool):
         return pool
 
 
-def _validate(record: ConnectionPoolEntry) -> None:
-    """Ping an idle connection; if it is dead, discard it (SQLAlchemy then reconnects).
+def idle_longer_than(record: ConnectionPoolEntry, seconds: float) -> bool:
+    """Whether the connection has sat idle in the pool longer than ``seconds``.
 
-    One round trip (";"), not SQLAlchemy's pre-ping (BEGIN/ping/ROLLBACK through a
-    checkout event). The checkout goes on with a new connection; a failure to open that
-    one is the checkout's failure, seen by the breaker.
+    Reads the stamp the pool puts on a returned connection (and ``engines.py`` on a new
+    one); a connection without one counts as just used.
     """
-    dbapi_connection: Any = record.dbapi_connection
-    if dbapi_connection is None:
-        return  # invalidated already: SQLAlchemy reconnects it
+    now = time.monotonic()
+    idle: float = now - record.info.get(IDLE_SINCE, now)
+    return idle > seconds
+
+
+def ping(dbapi_connection: Any) -> Exception | None:
+    """Validate a connection with one round trip (";"); the error if it is dead.
+
+    Not SQLAlchemy's pre-ping (BEGIN, ping, ROLLBACK on every checkout): the library
+    validates only connections idle longer than ``DB_PRE_PING_IDLE``.
+    """
     try:
         await_(dbapi_connection.driver_connection.fetchrow(";"))
     except Exception as exc:
-        record.invalidate(exc)
+        return exc
+    return None
 
 
 def attach(pool: Any, db: Database) -> None:
