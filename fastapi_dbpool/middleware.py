@@ -9,6 +9,7 @@ the client disconnects mid-query. At startup it checks that the dbpool lifespan 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 from prometheus_client import CollectorRegistry
@@ -50,7 +51,12 @@ class DBPoolMiddleware:
         # The HTTP metrics wrap our own handling so that they record the status the client
         # got (a failed commit's 500, a mapped 503/504). Nothing is registered here:
         # Starlette may build the middleware stack more than once.
-        self._entry: ASGIApp = HTTPMetrics(self._serve, registry)
+        self._entry: ASGIApp = HTTPMetrics(
+            # HTTPMetrics checks the door itself, and calls the request handling directly.
+            self._serve,
+            registry,
+            http=functools.partial(self._request, door=False),
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -75,8 +81,8 @@ class DBPoolMiddleware:
         if not isinstance(runtime, DBPoolRuntime):
             raise NotInstalledError(LIFESPAN_MISSING)
         if kind == "http":
-            # Reached through HTTPMetrics, which has already checked the door.
-            await self._request(runtime, scope, receive, send, door=False)
+            # HTTP metrics turned off after the stack was built: an unrecorded request.
+            await self._request(runtime, scope, receive, send)
             return
         ctx = RequestContext(runtime, scope, receive)
         token = current_request.set(ctx)

@@ -46,14 +46,17 @@ def make_app(
 
 
 @asynccontextmanager
-async def client_for(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    """Run the app's lifespan and give an in-process client."""
+async def client_for(
+    app: FastAPI, *, raise_app_exceptions: bool = True
+) -> AsyncIterator[httpx.AsyncClient]:
+    """Run the app's lifespan and give an in-process client (which raises what the app
+    raises, unless told to answer it as a server would: 500)."""
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
     async with (
         LifespanManager(app, startup_timeout=30, shutdown_timeout=30) as manager,
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=manager.app), base_url="http://test"
-        ) as client,
+        httpx.AsyncClient(transport=transport, base_url="http://test") as client,
     ):
+        transport.app = manager.app
         yield client
 
 
