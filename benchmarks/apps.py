@@ -4,8 +4,11 @@
   the app (``create_async_engine``), ``async_sessionmaker``, and ``async def
   get_session(): async with Session() as s: yield s``; ``pool_pre_ping=False``.
 * ``production`` - the same with ``pool_pre_ping=True``, as deployment guides recommend.
+* ``bare_instr`` - ``bare`` with prometheus-fastapi-instrumentator as its README wires it
+  (``Instrumentator().instrument(app)``): what the plain pattern pays for HTTP metrics.
 * ``dbpool`` - fastapi_dbpool with every feature on except the HTTP metrics.
-* ``dbpool_instr`` - the same plus prometheus-fastapi-instrumentator's HTTP metrics.
+* ``dbpool_instr`` - the same plus the HTTP metrics (``DB_HTTP_METRICS``, on by default):
+  the instrumentator's families, recorded by the library's middleware.
 * ``dbpool_ro`` - the ``dbpool`` variant with its routes declared read-only
   (``Depends(dbpool.session(read_only=True))``): statements in autocommit, no BEGIN or
   ROLLBACK round trips.
@@ -32,6 +35,7 @@ from typing import Any
 import asyncpg
 from fastapi import Depends, FastAPI, HTTPException
 from prometheus_client import CollectorRegistry
+from prometheus_fastapi_instrumentator import Instrumentator
 from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -49,6 +53,7 @@ READ_ONLY_ROUTES = "read_only" in inspect.signature(dbpool.session).parameters
 VARIANTS: tuple[str, ...] = (
     "bare",
     "production",
+    "bare_instr",
     "dbpool",
     "dbpool_instr",
     *(("dbpool_ro",) if READ_ONLY_ROUTES else ()),
@@ -58,8 +63,9 @@ VARIANTS: tuple[str, ...] = (
 LABELS = {
     "bare": "plain, bare (pre_ping off)",
     "production": "plain, production (pre_ping on)",
+    "bare_instr": "plain, bare + instrumentator",
     "dbpool": "fastapi_dbpool, all features",
-    "dbpool_instr": "fastapi_dbpool + instrumentator",
+    "dbpool_instr": "fastapi_dbpool + HTTP metrics",
     "dbpool_ro": "fastapi_dbpool, read-only route",
     "asyncpg": "raw asyncpg pool (floor)",
 }
@@ -133,8 +139,10 @@ def _add_live(app: FastAPI) -> None:
         return {"status": "ok"}
 
 
-def plain_app(config: AppConfig, *, pre_ping: bool) -> FastAPI:
-    """The plain pattern, as the docs teach it (the engine is module-level there)."""
+def plain_app(config: AppConfig, *, pre_ping: bool, instrumented: bool = False) -> FastAPI:
+    """The plain pattern, as the docs teach it (the engine is module-level there);
+    ``instrumented``: with prometheus-fastapi-instrumentator's middleware and default
+    metrics, as its README adds them (in a registry of its own)."""
     engine = create_async_engine(
         config.url,
         pool_size=config.pool_size,
@@ -160,6 +168,8 @@ def plain_app(config: AppConfig, *, pre_ping: bool) -> FastAPI:
     app.state.engine = engine
     _add_session_routes(app, get_session)
     _add_live(app)
+    if instrumented:
+        Instrumentator(registry=CollectorRegistry()).instrument(app)
     return app
 
 
@@ -274,6 +284,8 @@ def build_app(variant: str, config: AppConfig, **overrides: Any) -> FastAPI:
         return plain_app(config, pre_ping=False)
     if variant == "production":
         return plain_app(config, pre_ping=True)
+    if variant == "bare_instr":
+        return plain_app(config, pre_ping=False, instrumented=True)
     if variant == "dbpool":
         return dbpool_app(config, **overrides)
     if variant == "dbpool_instr":

@@ -137,16 +137,17 @@ class HTTPMetrics:
         if kind == "http":
             runtime = _runtime_of(scope)
             if runtime is not None and runtime.http_metrics:
-                await self._timed(runtime, scope, receive, send)
+                await self.timed(runtime, scope, receive, send)
                 return
         elif kind == "lifespan":
             await self._lifespan(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
-    async def _timed(
+    async def timed(
         self, runtime: DBPoolRuntime, scope: Scope, receive: Receive, send: Send
     ) -> None:
+        """Serve an HTTP request and record it (for a caller that has its runtime)."""
         recorder = self._recorder or self._instrument()
         started = default_timer()
         # Before the app runs: the router adds to the scope (a mount's root_path).

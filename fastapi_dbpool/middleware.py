@@ -51,7 +51,7 @@ class DBPoolMiddleware:
         # The HTTP metrics wrap our own handling so that they record the status the client
         # got (a failed commit's 500, a mapped 503/504). Nothing is registered here:
         # Starlette may build the middleware stack more than once.
-        self._entry: ASGIApp = HTTPMetrics(
+        self._entry = HTTPMetrics(
             # HTTPMetrics checks the door itself, and calls the request handling directly.
             self._serve,
             registry,
@@ -64,11 +64,13 @@ class DBPoolMiddleware:
             runtime = state.get(STATE_KEY) if state else None
             if not isinstance(runtime, DBPoolRuntime):
                 raise NotInstalledError(LIFESPAN_MISSING)
-            if not runtime.http_metrics:
-                # No HTTP metrics: straight to the request, no wrapper layer to pass through
-                # at every await of the request.
+            # Straight to the request (through the HTTP metrics' timing if they are on):
+            # every layer is passed through at each await of the request.
+            if runtime.http_metrics:
+                await self._entry.timed(runtime, scope, receive, send)
+            else:
                 await self._request(runtime, scope, receive, send)
-                return
+            return
         await self._entry(scope, receive, send)
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
