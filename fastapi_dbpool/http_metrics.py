@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .context import STATE_KEY
 from .errors import ConfigurationError
+from .health import LibraryRoute
 from .metrics import HTTP_DURATION, HTTP_REQUESTS, _registries_lock
 from .metrics_multiprocess import multiprocess_dir
 from .runtime import DBPoolRuntime, Refusal
@@ -599,8 +600,9 @@ class RouteNames:
 #: Starlette's own path parameter types (converting what their pattern matched cannot fail).
 _CONVERTORS = (StringConvertor, PathConvertor, IntegerConvertor, FloatConvertor, UUIDConvertor)
 
-#: The ``matches`` of the route classes that match on the method and the path alone.
-_HTTP_MATCHES = frozenset((Route.matches, APIRoute.matches))
+#: The ``matches`` of the route classes that match on the method and the path alone
+#: (the library's own routes match as APIRoute does, with a quicker "no").
+_HTTP_MATCHES = frozenset((Route.matches, APIRoute.matches, LibraryRoute.matches))
 _WEBSOCKET_MATCHES = frozenset((WebSocketRoute.matches, APIWebSocketRoute.matches))
 
 

@@ -16,6 +16,7 @@ from starlette.applications import Starlette
 
 from .context import STATE_KEY
 from .errors import NotInstalledError
+from .health import try_library_routes_last
 from .http_metrics import registry_of
 from .metrics import EXPORTER_STATE_KEY
 from .metrics_multiprocess import MetricsExporter
@@ -43,6 +44,8 @@ async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         ConfigurationError: A setting is invalid; startup stops.
     """
     settings = getattr(app.state, _SETTINGS_ATTR, None) or DBPoolSettings.from_env()
+    # The app's routes are all declared by now.
+    try_library_routes_last(app)
     runtime = await DBPoolRuntime.start(settings)
     setattr(app.state, _RUNTIME_ATTR, runtime)
     restore = _drain_on_sigterm(runtime)

@@ -91,3 +91,35 @@ async def test_liveness_and_the_stay_ready_setting_while_the_database_is_down(
     assert l_ready.json()["databases"]["primary"]["status"] == "unavailable"
     assert live.status_code == 200 and live.json() == {"status": "ok"}
     assert live_took < 0.1
+
+
+@pytest.mark.parametrize("catch_all", [False, True])
+async def test_the_probes_answer_wherever_startup_put_their_routes(
+    database_url: str, catch_all: bool
+) -> None:
+    app = make_app(settings_for(database_url))
+
+    @app.get("/items/{item_id}")
+    async def item(item_id: int) -> dict[str, int]:
+        return {"id": item_id}
+
+    if catch_all:
+
+        @app.get("/{path:path}")
+        async def everything(path: str) -> dict[str, str]:
+            return {"caught": path}
+
+    async with client_for(app) as client:
+        order = [getattr(route, "path", None) for route in app.router.routes]
+        live = await client.get("/health/live")
+        ready = await client.get("/health/database")
+        scraped = await client.get("/metrics")
+        wrong_method = await client.post("/health/live")
+        own = await client.get("/items/3")
+    # Behind the app's own routes unless one of them could answer the probes' paths.
+    assert (order.index("/health/live") > order.index("/items/{item_id}")) is not catch_all
+    assert live.json() == {"status": "ok"}
+    assert ready.status_code == 200 and ready.json()["status"] == "ok"
+    assert scraped.status_code == 200 and "dbpool_connections" in scraped.text
+    assert wrong_method.status_code == 405
+    assert own.json() == {"id": 3}
