@@ -86,7 +86,7 @@ def try_library_routes_last(app: Any) -> bool:
     if effective is None:
         return False
     candidates = effective(others)
-    if not all(_matched_by_path(route) for route in candidates):
+    if not all(matched_by_path(route) for route in candidates):
         return False
     for route in ours:
         for method in sorted(route.methods or ()):
@@ -100,7 +100,10 @@ def try_library_routes_last(app: Any) -> bool:
     return True
 
 
-def _matched_by_path(route: Any) -> bool:
+def matched_by_path(route: Any) -> bool:
+    """Whether a route's match depends on the request's type, method and path alone (a
+    mount's: on the path's prefix), as :func:`try_library_routes_last` and the HTTP
+    metrics' compiled routes need."""
     if getattr(type(route), "matches", None) in _PATH_ONLY_MATCHES:
         return True
     # An APIRoute of an included router, as FastAPI's effective route context.

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from timeit import default_timer
 from typing import Any, Literal, NamedTuple
 
-from fastapi.routing import APIRoute, APIWebSocketRoute
+from fastapi.routing import APIWebSocketRoute
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, Summary
 from prometheus_fastapi_instrumentator import metrics, routing
 from prometheus_fastapi_instrumentator import metrics as instrumentator_metrics
@@ -28,12 +28,12 @@ from starlette.convertors import (
     UUIDConvertor,
 )
 from starlette.requests import Request
-from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.routing import Mount, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .context import STATE_KEY
 from .errors import ConfigurationError
-from .health import LibraryRoute
+from .health import matched_by_path
 from .metrics import HTTP_DURATION, HTTP_REQUESTS, _registries_lock
 from .metrics_multiprocess import multiprocess_dir
 from .runtime import DBPoolRuntime, Refusal
@@ -64,7 +64,9 @@ def http_sink(registry: CollectorRegistry) -> HTTPSink:
         ConfigurationError: Another instrumentator already registered them there.
     """
     multiprocess = multiprocess_dir() is not None
-    registry = _http_registry(registry)
+    if multiprocess:
+        # Served from the files, not from a registry; one set per process (see the mirror).
+        registry = _multiprocess_http_registry
     with _registries_lock:
         sink = _http_sinks.get(registry)
         if sink is None:
@@ -82,14 +84,6 @@ def http_sink(registry: CollectorRegistry) -> HTTPSink:
             sink = HTTPSink(instrumentation, _Families.of(registry), batched=not multiprocess)
             _http_sinks[registry] = sink
         return sink
-
-
-def _http_registry(registry: CollectorRegistry) -> CollectorRegistry:
-    """Where the HTTP families of ``registry`` live."""
-    if multiprocess_dir() is not None:
-        # Served from the files, not from a registry; one set per process (see the mirror).
-        return _multiprocess_http_registry
-    return registry
 
 
 _multiprocess_http_registry = CollectorRegistry()
@@ -226,8 +220,8 @@ class HTTPRecorder:
     Route templates come from :class:`RouteNames` where the app's routes allow it (from
     the instrumentator's own matching where they do not), and the template of each
     (method, path, root_path) is kept, up to ``MAX_KEPT`` of them, all forgotten when the
-    app's routes change in number; the metric children of each label set are kept, up to
-    ``MAX_KEPT``. Past either limit it works as the instrumentator does, uncached. Should
+    app's routes change in number (:class:`HTTPSink` keeps the metric children of each
+    label set). Past that limit it works as the instrumentator does, uncached. Should
     an instrumentator version register other families than this one knows, it calls that
     instrumentator's instrumentation with an ``Info``, as its middleware does.
     """
@@ -600,9 +594,7 @@ class RouteNames:
 #: Starlette's own path parameter types (converting what their pattern matched cannot fail).
 _CONVERTORS = (StringConvertor, PathConvertor, IntegerConvertor, FloatConvertor, UUIDConvertor)
 
-#: The ``matches`` of the route classes that match on the method and the path alone
-#: (the library's own routes match as APIRoute does, with a quicker "no").
-_HTTP_MATCHES = frozenset((Route.matches, APIRoute.matches, LibraryRoute.matches))
+#: The ``matches`` of the websocket routes: never a match for an HTTP request.
 _WEBSOCKET_MATCHES = frozenset((WebSocketRoute.matches, APIWebSocketRoute.matches))
 
 
@@ -611,34 +603,26 @@ def _entry(
 ) -> tuple[re.Pattern[str], frozenset[str] | None, str] | Literal[False] | None:
     """A route as (path pattern, methods, template); None for one that never matches an
     HTTP request; False for one whose match needs more than the method and the path."""
-    matches = getattr(type(route), "matches", None)
-    if matches in _WEBSOCKET_MATCHES:
+    if not matched_by_path(route):
+        return False
+    if getattr(type(route), "matches", None) in _WEBSOCKET_MATCHES:
         return None
-    if isinstance(route, Mount) and matches is Mount.matches:
+    if isinstance(route, Mount):
         if route.routes:
             return False  # matched against the mounted app's routes, with its own scope
         return route.path_regex, None, route.path
-    original = getattr(route, "original_route", None)
-    if matches in _HTTP_MATCHES or (
-        # An APIRoute of an included router, as FastAPI's effective route context: it
-        # matches as an APIRoute does, on its own (prefixed) path.
-        type(route).__name__ == "_EffectiveRouteContext"
-        and original is not None
-        and getattr(type(original), "matches", None) is APIRoute.matches
+    pattern = getattr(route, "path_regex", None)
+    path = getattr(route, "path", None)
+    convertors = getattr(route, "param_convertors", None)
+    if (
+        not isinstance(pattern, re.Pattern)
+        or not isinstance(path, str)
+        or not isinstance(convertors, dict)
+        or not all(type(c) in _CONVERTORS for c in convertors.values())
     ):
-        pattern = getattr(route, "path_regex", None)
-        path = getattr(route, "path", None)
-        convertors = getattr(route, "param_convertors", None)
-        if (
-            not isinstance(pattern, re.Pattern)
-            or not isinstance(path, str)
-            or not isinstance(convertors, dict)
-            or not all(type(c) in _CONVERTORS for c in convertors.values())
-        ):
-            return False
-        methods = getattr(route, "methods", None)
-        return pattern, frozenset(methods) if methods else None, path
-    return False
+        return False
+    methods = getattr(route, "methods", None)
+    return pattern, frozenset(methods) if methods else None, path
 
 
 def _route_path(path: str, root_path: str) -> str:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from fastapi import APIRouter, FastAPI
+from fastapi.routing import APIRoute
 from starlette.routing import Host, Match, Route
 from starlette.types import Receive, Scope, Send
 
@@ -148,8 +149,6 @@ def test_an_app_without_the_librarys_routes_is_left_alone() -> None:
 def test_a_library_route_answers_as_an_apiroute_would(path: str, root_path: str) -> None:
     ours = next(r for r in router.routes if getattr(r, "path", None) == path)
     assert isinstance(ours, LibraryRoute)
-    from fastapi.routing import APIRoute
-
     theirs = APIRoute(path, ours.endpoint, methods=list(ours.methods or ()))
     for request_path in [path, path + "/", "/other", "/x" + path, root_path + path, "/", ""]:
         for method in ["GET", "POST", "HEAD"]:
