@@ -82,6 +82,22 @@ async def measure(
     )
 
 
+#: Each round's batch of a variant is measured in this many slices, interleaved with the
+#: other variants' slices: this machine's speed drifts by 20-40% within minutes, and a
+#: ratio of two batches measured seconds apart carried that drift (the same code measured
+#: 0.79x and 1.14x bare in runs an hour apart with one batch per round).
+SLICES = 5
+
+
+def merged(slices: Sequence[Batch]) -> Batch:
+    """One batch from equal-sized slices."""
+    return Batch(
+        cpu_us=sum(b.cpu_us for b in slices) / len(slices),
+        wall_us=sum(b.wall_us for b in slices) / len(slices),
+        errors=sum(b.errors for b in slices),
+    )
+
+
 def path_of(route: str, items: int, offset: int) -> Callable[[int], str]:
     """The path of request ``i`` of a batch: item ids differ from batch to batch."""
     make = ROUTES[route]
@@ -113,17 +129,24 @@ async def compare(
         for route in routes:
             for client in clients.values():
                 await measure(client, path_of(route, items, 0), warmup, profile.inproc_concurrency)
+        slices = SLICES if requests >= SLICES * profile.inproc_concurrency else 1
+        size = requests // slices
         for round_index in range(ctx.rounds):
-            offset = round_index * requests
             for route in routes:
-                for name in rotated(list(apps), round_index):
-                    batch = await measure(
-                        clients[name],
-                        path_of(route, items, offset),
-                        requests,
-                        profile.inproc_concurrency,
-                    )
-                    results[route][name].append(batch)
+                parts: dict[str, list[Batch]] = {name: [] for name in apps}
+                for part in range(slices):
+                    offset = (round_index * slices + part) * size
+                    for name in rotated(list(apps), round_index * slices + part):
+                        parts[name].append(
+                            await measure(
+                                clients[name],
+                                path_of(route, items, offset),
+                                size,
+                                profile.inproc_concurrency,
+                            )
+                        )
+                for name, measured in parts.items():
+                    results[route][name].append(merged(measured))
             ctx.log(f"overhead: round {round_index + 1}/{ctx.rounds} done")
     return results
 
