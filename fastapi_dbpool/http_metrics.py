@@ -226,13 +226,12 @@ class HTTPRecorder:
     instrumentator's instrumentation with an ``Info``, as its middleware does.
     """
 
-    #: How many route templates, and label sets, are kept.
+    #: How many route templates are kept.
     MAX_KEPT = 4096
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self._sink = http_sink(registry)
         self._handlers: dict[tuple[str, str, str], str] = {}
-        self._statuses: dict[int, str] = {}
         self._app: Any = None
         self._routes: Any = ()
         self._routes_count = -1
@@ -280,11 +279,7 @@ class HTTPRecorder:
     ) -> None:
         """Record one finished request."""
         duration = max(default_timer() - started, 0.0)
-        group = self._statuses.get(status)
-        if group is None:
-            group = str(int(status))[0] + "xx"
-            if len(self._statuses) < 1000:
-                self._statuses[status] = group
+        group = _STATUS_GROUPS.get(status) or str(int(status))[0] + "xx"
         self._sink.add(
             scope,
             method,
@@ -634,6 +629,10 @@ def _route_path(path: str, root_path: str) -> str:
     if path[len(root_path)] == "/":
         return path[len(root_path) :]
     return path
+
+
+#: The instrumentator's status label (its first digit and "xx") of every valid status.
+_STATUS_GROUPS = {status: f"{status // 100}xx" for status in range(100, 600)}
 
 
 def _content_length(headers: Any) -> int:

@@ -51,13 +51,10 @@ async def client_for(
 ) -> AsyncIterator[httpx.AsyncClient]:
     """Run the app's lifespan and give an in-process client (which raises what the app
     raises, unless told to answer it as a server would: 500)."""
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
-    async with (
-        LifespanManager(app, startup_timeout=30, shutdown_timeout=30) as manager,
-        httpx.AsyncClient(transport=transport, base_url="http://test") as client,
-    ):
-        transport.app = manager.app
-        yield client
+    async with LifespanManager(app, startup_timeout=30, shutdown_timeout=30) as manager:
+        transport = httpx.ASGITransport(app=manager.app, raise_app_exceptions=raise_app_exceptions)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield client
 
 
 def free_port() -> int:
