@@ -1,6 +1,7 @@
 """fastapi_dbpool: pod-sized, deadline-bound, observable PostgreSQL pools for FastAPI."""
 
 from . import testing
+from .drivers import DriverConnection, driver_connection
 from .errors import (
     CheckoutTimeoutError,
     CircuitOpenError,
@@ -9,6 +10,7 @@ from .errors import (
     DatabaseUnavailableError,
     DBPoolError,
     DeadlineExceededError,
+    DriverReleasedError,
     NotInstalledError,
     ReadOnlySessionError,
 )
@@ -38,12 +40,15 @@ __all__ = [
     "DBPoolSettings",
     "DatabaseUnavailableError",
     "DeadlineExceededError",
+    "DriverConnection",
+    "DriverReleasedError",
     "NotInstalledError",
     "PoolBudget",
     "ReadOnlySessionError",
     "RequestSession",
     "ServerLimits",
     "SessionFactory",
+    "driver_connection",
     "get_runtime",
     "get_session",
     "install",

@@ -105,6 +105,8 @@ class Database:
             recovery_timeout=settings.circuit_recovery_timeout,
         )
         self.failover: FailoverConnector | None = None
+        #: ``time.monotonic()`` of the last connection loss the breaker counted.
+        self._last_loss = float("-inf")
         extra: dict[str, Any] = {}
         if name == "primary" and settings.failover_urls:
             self.failover = FailoverConnector(
@@ -176,6 +178,25 @@ class Database:
         """Tasks inside a checkout right now (waiting for, or opening, a connection)."""
         return self.stats.waiting
 
+    def count_lost(self, opened: float | None, *, deadline: bool) -> None:
+        """Tell the breaker a connection was lost, once per event.
+
+        A restart or failover kills every pooled connection at once; those losses are
+        one event, not pool_size failures, or the breaker would open on a database that
+        is back already: a connection opened (``opened``, its ``time.monotonic()``)
+        before the last counted loss is stale news. A client-side deadline
+        (``deadline``) is per-connection evidence that the server stopped answering, so
+        each of those counts.
+        """
+        if deadline or opened is None or opened > self._last_loss:
+            self._last_loss = time.monotonic()
+            self.breaker.record_failure()
+
+    def count_lost_connection(self, info: dict[Any, Any], *, deadline: bool) -> None:
+        """:meth:`count_lost` for a checked-out connection's ``info``."""
+        opened = info.get(_OPENED_AT)
+        self.count_lost(opened if isinstance(opened, float) else None, deadline=deadline)
+
     def set_client_timeout(self, conn: Connection, timeout: float) -> None:
         """Give one checked-out connection a per-route client-side deadline.
 
@@ -183,7 +204,10 @@ class Database:
         replacing it here moves the client's backstop with the route's statement timeout;
         the default comes back when the connection is checked in.
         """
-        fairy = conn.connection
+        self.set_client_timeout_of(conn.connection, timeout)
+
+    def set_client_timeout_of(self, fairy: PoolProxiedConnection, timeout: float) -> None:
+        """:meth:`set_client_timeout` for a connection checked out of the pool directly."""
         driver: Any = fairy.driver_connection
         config = getattr(driver, "_config", None)
         if config is None or not hasattr(config, "_replace"):
@@ -274,8 +298,8 @@ class Database:
         stats = self.stats
         breaker = self.breaker
 
-        last_loss = [float("-inf")]
         failover = self.failover
+        db = self
 
         def on_error(context: ExceptionContext) -> None:
             original = context.original_exception
@@ -289,19 +313,14 @@ class Database:
                 ctx = current_request.get()
                 if ctx is not None:
                     ctx.failed = True
-                # A restart or failover kills every pooled connection at once; those losses
-                # are one event, not pool_size failures, or the breaker would open on a
-                # database that is back already. A connection opened before the last
-                # counted loss is stale news; failures to connect are counted by the pool.
-                # A client-side deadline (TimeoutError) is per-connection evidence that
-                # the server stopped answering, so each of those counts.
+                # Counted once per event (count_lost); failures to connect are counted by
+                # the pool.
                 opened = _opened_at(context)
                 if failover is not None and failover.failed_on_left_target(context):
                     # A connection to a target failover has left: no news of the active one.
                     pass
-                elif isinstance(original, TimeoutError) or opened is None or opened > last_loss[0]:
-                    last_loss[0] = monotonic()
-                    breaker.record_failure()
+                else:
+                    db.count_lost(opened, deadline=isinstance(original, TimeoutError))
             # SQLAlchemy hands us its adapted DBAPI error, not asyncpg's; both carry the
             # SQLSTATE. 57014 is also a user's pg_cancel_backend(): the text tells them apart.
             sqlstate = getattr(original, "sqlstate", None)

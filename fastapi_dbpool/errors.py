@@ -70,5 +70,9 @@ class ConcurrentSessionUseError(DBPoolError, RuntimeError):
     """The request's session was used by two tasks at once."""
 
 
+class DriverReleasedError(DBPoolError, RuntimeError):
+    """A ``driver_connection`` was used after its request gave it back to the pool."""
+
+
 class ReadOnlySessionError(DBPoolError, RuntimeError):
     """A write was attempted through a ``read_only=True`` session."""

@@ -91,6 +91,9 @@ class DBPoolMiddleware:
         runtime.request_started()
         try:
             await self.app(scope, receive, send)
+        except asyncio.CancelledError:
+            ctx.broken_off = True
+            raise
         finally:
             try:
                 await ctx.finish()
@@ -155,6 +158,7 @@ class DBPoolMiddleware:
             try:
                 await self.app(ctx.scope, ctx.receive, send_wrapper)
             except asyncio.CancelledError:
+                ctx.broken_off = True
                 task = asyncio.current_task()
                 if not ctx.cancelled_on_disconnect or task is None:
                     await ctx.finish()
@@ -164,7 +168,8 @@ class DBPoolMiddleware:
                 await ctx.finish()
                 return
             except Exception as exc:
-                mapped = map_exception(exc, checkout_timeout=runtime.settings.checkout_timeout)
+                answer = ctx.failure_answer(exc)
+                mapped = map_exception(answer, checkout_timeout=runtime.settings.checkout_timeout)
                 await ctx.finish()
                 if mapped is None or started:
                     raise

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.types import Message, Receive, Scope
 
+from .drivers import RELEASE_TASK, DriverConnection, DriverLease, checkout, failed
 from .errors import ConfigurationError
 from .sessions import DATABASE_KEY, TIMEOUT_KEY, RequestSession, SessionFactory
 
@@ -47,7 +48,9 @@ class RequestContext:
         "_receive",
         "_responded",
         "_watcher",
+        "broken_off",
         "cancelled_on_disconnect",
+        "drivers",
         "extra_sessions",
         "failed",
         "finished",
@@ -65,8 +68,12 @@ class RequestContext:
         self.scope = scope
         self.sessions: dict[str, RequestSession] | None = None
         self.extra_sessions: set[AsyncSession] | None = None
+        #: Connections handed out as asyncpg connections (``driver_connection``).
+        self.drivers: dict[str, DriverLease] | None = None
         self.finished = False
         self.failed = False
+        #: The request was cancelled: its drivers may be mid-statement, and are discarded.
+        self.broken_off = False
         #: Connections this request took that are not back in the pool yet.
         self.held = 0
         #: Databases this request asked for a session of (refused or not).
@@ -106,6 +113,33 @@ class RequestContext:
             found.info[TIMEOUT_KEY] = timeout if current is None else min(current, timeout)
         return found
 
+    async def driver(self, database: str, timeout: float | None) -> DriverConnection:
+        """The request's asyncpg connection on ``database``, checked out on first use."""
+        drivers = self.drivers
+        if drivers is None:
+            drivers = self.drivers = {}
+            self._arm_disconnect_watch()
+        lease = drivers.get(database)
+        if lease is None:
+            db = self.runtime.database(database)
+            self._asked(database)
+            self.runtime.check_available(db)
+            lease = drivers[database] = await checkout(db)
+        if timeout is not None and (lease.timeout is None or timeout < lease.timeout):
+            await lease.set_timeout(timeout)
+        return lease.proxy
+
+    def failure_answer(self, exc: BaseException) -> BaseException:
+        """The route raised ``exc``: what to answer with (see ``drivers.failed``)."""
+        if not self.drivers:
+            return exc
+        leases = list(self.drivers.values())
+        replacement = failed(leases, exc)
+        if any(lease.broken() for lease in leases):
+            # Not a success for the breaker at release (a half-open trial stays unproven).
+            self.failed = True
+        return exc if replacement is None else replacement
+
     def factory(self, database: str) -> SessionFactory:
         """A factory of independent sessions on ``database`` for this request."""
         db = self.runtime.database(database)
@@ -138,7 +172,7 @@ class RequestContext:
     @property
     def has_sessions(self) -> bool:
         """Whether this request made any session."""
-        return bool(self.sessions) or bool(self.extra_sessions)
+        return bool(self.sessions) or bool(self.extra_sessions) or bool(self.drivers)
 
     async def commit(self) -> None:
         """Commit every request session (autocommit mode, before the status line)."""
@@ -149,6 +183,8 @@ class RequestContext:
 
     async def release(self) -> None:
         """Roll back and return every connection of the request sessions to the pool."""
+        if self.drivers:
+            await self._release_drivers()
         if self.sessions:
             for sess in self.sessions.values():
                 if not sess.in_transaction():
@@ -162,6 +198,26 @@ class RequestContext:
                     if breaker.failures or not breaker.is_closed:
                         breaker.record_success()
                 await _close_shielded(sess)
+
+    async def _release_drivers(self) -> None:
+        drivers = self.drivers
+        assert drivers is not None
+        self.drivers = None
+        clean = not self.broken_off
+        leases = list(drivers.values())
+        try:
+            while leases:
+                lease = leases[0]
+                if clean and not self.failed:
+                    breaker = lease.db.breaker
+                    if breaker.failures or not breaker.is_closed:
+                        breaker.record_success()
+                await lease.release(clean)
+                del leases[0]
+        finally:
+            # Cancelled during a clean-up statement: the rest are discarded, not kept.
+            for lease in leases:
+                lease.discard()
 
     async def finish(self) -> None:
         """The request's ASGI call is over: release everything, stop watching.
@@ -211,6 +267,7 @@ class RequestContext:
         }
         self.sessions = None
         self.extra_sessions = None
+        self.drivers = None
         self._receive = _disconnected
         self.task = None
         self._watcher = None
@@ -318,8 +375,7 @@ def scope_route(scope: Scope) -> str | None:
 
 #: Key of ``AsyncSession.info``: the task finishing a close that a cancellation broke off.
 _CLOSING_KEY = "dbpool_closing"
-#: Name of that task.
-RELEASE_TASK = "fastapi_dbpool.release"
+#: Name of that task: ``drivers.RELEASE_TASK``.
 
 
 async def _close_shielded(sess: AsyncSession) -> None:
