@@ -12,6 +12,9 @@
 * ``dbpool_ro`` - the ``dbpool`` variant with its routes declared read-only
   (``Depends(dbpool.session(read_only=True))``): statements in autocommit, no BEGIN or
   ROLLBACK round trips.
+* ``dbpool_driver`` - the ``dbpool`` variant with its routes on the pooled connection's
+  asyncpg ``Connection`` (``Depends(dbpool.driver_connection())``): autocommit, no
+  SQLAlchemy session or statement on the request's path.
 * ``asyncpg`` - the floor: FastAPI with a raw asyncpg pool, no SQLAlchemy.
 
 Routes: ``/select1`` (``SELECT 1``), ``/items/{id}`` (a primary-key lookup),
@@ -47,6 +50,8 @@ from .common import ITEMS_TABLE, asyncpg_dsn, dbpool_settings_fields
 
 #: Whether this checkout of the library has read-only routes (``session(read_only=True)``).
 READ_ONLY_ROUTES = "read_only" in inspect.signature(dbpool.session).parameters
+#: Whether it has ``driver_connection()`` (routes on the asyncpg connection itself).
+DRIVER_ROUTES = hasattr(dbpool, "driver_connection")
 
 #: The variants of the HTTP and in-process comparisons; ``dbpool_ro`` only when the
 #: library has read-only routes (a missing feature is reported, not faked).
@@ -57,8 +62,12 @@ VARIANTS: tuple[str, ...] = (
     "dbpool",
     "dbpool_instr",
     *(("dbpool_ro",) if READ_ONLY_ROUTES else ()),
+    *(("dbpool_driver",) if DRIVER_ROUTES else ()),
     "asyncpg",
 )
+
+#: The variants held to the read-only target (>= 1.5x production), when present.
+READ_ONLY_VARIANTS = ("dbpool_ro", "dbpool_driver")
 
 LABELS = {
     "bare": "plain, bare (pre_ping off)",
@@ -67,6 +76,7 @@ LABELS = {
     "dbpool": "fastapi_dbpool, all features",
     "dbpool_instr": "fastapi_dbpool + HTTP metrics",
     "dbpool_ro": "fastapi_dbpool, read-only route",
+    "dbpool_driver": "fastapi_dbpool, driver_connection route",
     "asyncpg": "raw asyncpg pool (floor)",
 }
 
@@ -210,6 +220,38 @@ def dbpool_app(config: AppConfig, *, read_only: bool = False, **overrides: Any) 
     return app
 
 
+def _add_driver_routes(app: FastAPI, get_conn: Callable[..., Any]) -> None:
+    """The same routes on an asyncpg connection (the floor's and the driver variant's)."""
+
+    @app.get("/select1")
+    async def select1(conn: Any = Depends(get_conn)) -> dict[str, int]:
+        return {"value": await conn.fetchval("SELECT 1")}
+
+    @app.get("/items/{item_id}")
+    async def read_item(item_id: int, conn: Any = Depends(get_conn)) -> dict[str, Any]:
+        row = await conn.fetchrow(
+            f"SELECT id, name, price_cents FROM {ITEMS_TABLE} WHERE id = $1", item_id
+        )
+        if row is None:
+            raise HTTPException(404, "no such item")
+        return dict(row)
+
+    @app.get("/hold")
+    async def hold(seconds: float, conn: Any = Depends(get_conn)) -> dict[str, str]:
+        await conn.execute("SELECT pg_sleep($1)", seconds)
+        return {"status": "done"}
+
+
+def dbpool_driver_app(config: AppConfig, **overrides: Any) -> FastAPI:
+    """fastapi_dbpool with the routes on ``Depends(dbpool.driver_connection())``."""
+    if not DRIVER_ROUTES:
+        raise RuntimeError("this checkout of fastapi_dbpool has no driver_connection()")
+    app = FastAPI()
+    dbpool.install(app, settings=dbpool_settings(config, **overrides), registry=CollectorRegistry())
+    _add_driver_routes(app, dbpool.driver_connection())
+    return app
+
+
 def asyncpg_app(config: AppConfig) -> FastAPI:
     """The floor: the same routes on a raw asyncpg pool, no SQLAlchemy."""
     holder: dict[str, asyncpg.Pool] = {}
@@ -233,25 +275,7 @@ def asyncpg_app(config: AppConfig) -> FastAPI:
             yield conn
 
     app = FastAPI(lifespan=lifespan)
-
-    @app.get("/select1")
-    async def select1(conn: Any = Depends(get_conn)) -> dict[str, int]:
-        return {"value": await conn.fetchval("SELECT 1")}
-
-    @app.get("/items/{item_id}")
-    async def read_item(item_id: int, conn: Any = Depends(get_conn)) -> dict[str, Any]:
-        row = await conn.fetchrow(
-            f"SELECT id, name, price_cents FROM {ITEMS_TABLE} WHERE id = $1", item_id
-        )
-        if row is None:
-            raise HTTPException(404, "no such item")
-        return dict(row)
-
-    @app.get("/hold")
-    async def hold(seconds: float, conn: Any = Depends(get_conn)) -> dict[str, str]:
-        await conn.execute("SELECT pg_sleep($1)", seconds)
-        return {"status": "done"}
-
+    _add_driver_routes(app, get_conn)
     _add_live(app)
     return app
 
@@ -292,6 +316,8 @@ def build_app(variant: str, config: AppConfig, **overrides: Any) -> FastAPI:
         return dbpool_app(config, **{"http_metrics": True, **overrides})
     if variant == "dbpool_ro":
         return dbpool_app(config, read_only=True, **overrides)
+    if variant == "dbpool_driver":
+        return dbpool_driver_app(config, **overrides)
     if variant == "asyncpg":
         return asyncpg_app(config)
     if variant == "fastapi_only":

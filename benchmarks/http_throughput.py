@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .apps import LABELS, VARIANTS, AppConfig
+from .apps import LABELS, READ_ONLY_VARIANTS, VARIANTS, AppConfig
 from .common import (
     READ_ONLY_GOAL,
     REPO_ROOT,
@@ -360,14 +360,16 @@ def http_table(title: str, by_variant: dict[str, list[Run]]) -> Table:
             f"{sum(r.load.non_2xx for r in runs)}/{sum(r.load.socket_errors for r in runs)}",
             fmt_float(Spread.of([r.opened_per_1k for r in runs]).median, 1),
         )
-    if "dbpool_ro" in by_variant and "dbpool" in by_variant:
-        ro = [r.rps for r in by_variant["dbpool_ro"]]
-        ro_cpu = [r.server_cpu_us for r in by_variant["dbpool_ro"]]
-        table.notes.append(
-            f"{LABELS['dbpool_ro']} vs {LABELS['dbpool']}: speed "
-            f"{ratios(ro, [r.rps for r in by_variant['dbpool']]).ratio_text()}, server CPU "
-            f"{deltas(ro_cpu, [r.server_cpu_us for r in by_variant['dbpool']]).delta_text(' us')}"
-        )
+    for name in READ_ONLY_VARIANTS:
+        if name in by_variant and "dbpool" in by_variant:
+            ro = [r.rps for r in by_variant[name]]
+            ro_cpu = [r.server_cpu_us for r in by_variant[name]]
+            features_cpu = [r.server_cpu_us for r in by_variant["dbpool"]]
+            table.notes.append(
+                f"{LABELS[name]} vs {LABELS['dbpool']}: speed "
+                f"{ratios(ro, [r.rps for r in by_variant['dbpool']]).ratio_text()}, server CPU "
+                f"{deltas(ro_cpu, features_cpu).delta_text(' us')}"
+            )
     return table
 
 
@@ -388,20 +390,24 @@ def http_targets(route: str, concurrency: int, by_variant: dict[str, list[Run]])
                 vs_bare.median >= 1.0 and vs_prod.median > 1.0 and errors == 0,
             )
         )
-    targets.append(read_only_target(route, concurrency, by_variant))
+    targets.extend(
+        read_only_target(route, concurrency, by_variant, v) for v in READ_ONLY_VARIANTS
+    )
     return targets
 
 
-def read_only_target(route: str, concurrency: int, by_variant: dict[str, list[Run]]) -> Target:
+def read_only_target(
+    route: str, concurrency: int, by_variant: dict[str, list[Run]], variant: str
+) -> Target:
     """Read-only routes: at least 1.5x the production baseline's requests/s."""
-    name = f"HTTP req/s, {ROUTE_TITLES[route]} @{concurrency}, {LABELS['dbpool_ro']}"
+    name = f"HTTP req/s, {ROUTE_TITLES[route]} @{concurrency}, {LABELS[variant]}"
     goal = f">= {READ_ONLY_GOAL:.2f}x production"
-    if "dbpool_ro" not in by_variant:
-        return Target(name, goal, "no dbpool.session(read_only=True) in this checkout", None)
-    rps = [r.rps for r in by_variant["dbpool_ro"]]
+    if variant not in by_variant:
+        return Target(name, goal, "not in this run (or this checkout)", None)
+    rps = [r.rps for r in by_variant[variant]]
     vs_bare = ratios(rps, [r.rps for r in by_variant["bare"]])
     vs_prod = ratios(rps, [r.rps for r in by_variant["production"]])
-    errors = sum(r.load.non_2xx + r.load.socket_errors for r in by_variant["dbpool_ro"])
+    errors = sum(r.load.non_2xx + r.load.socket_errors for r in by_variant[variant])
     return Target(
         name,
         goal,

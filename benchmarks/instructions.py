@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .apps import LABELS, VARIANTS, AppConfig, build_app
+from .apps import LABELS, READ_ONLY_VARIANTS, VARIANTS, AppConfig, build_app
 from .common import (
     READ_ONLY_GOAL,
     REPO_ROOT,
@@ -323,12 +323,14 @@ def instructions_targets(route: str, by_variant: dict[str, dict[bool, Part]]) ->
                 bare / per >= 1.0 and production / per > 1.0 and errors == 0,
             )
         )
-    if "dbpool_ro" in by_variant:
-        per = _per(by_variant, "dbpool_ro", False)
-        errors = sum(p.errors for p in by_variant["dbpool_ro"].values())
+    for name in READ_ONLY_VARIANTS:
+        if name not in by_variant:
+            continue
+        per = _per(by_variant, name, False)
+        errors = sum(p.errors for p in by_variant[name].values())
         targets.append(
             Target(
-                f"in-process instructions (GC off), {ROUTE_TITLES[route]}, {LABELS['dbpool_ro']}",
+                f"in-process instructions (GC off), {ROUTE_TITLES[route]}, {LABELS[name]}",
                 f">= {READ_ONLY_GOAL:.2f}x production",
                 f"{production / per:.3f}x production, {bare / per:.3f}x bare",
                 production / per >= READ_ONLY_GOAL and errors == 0,

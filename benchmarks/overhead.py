@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from .apps import LABELS, VARIANTS, AppConfig, build_app
+from .apps import LABELS, READ_ONLY_VARIANTS, VARIANTS, AppConfig, build_app
 from .common import (
     READ_ONLY_GOAL,
     BenchContext,
@@ -222,13 +222,14 @@ def overhead_table(
             deltas(cpu, production).delta_text(" us"),
             sum(b.errors for b in batches),
         )
-    if "dbpool_ro" in by_variant and "dbpool" in by_variant:
-        ro = [b.cpu_us for b in by_variant["dbpool_ro"]]
-        features = [b.cpu_us for b in by_variant["dbpool"]]
-        table.notes.append(
-            f"{LABELS['dbpool_ro']} vs {LABELS['dbpool']}: speed "
-            f"{ratios(features, ro).ratio_text()}, {deltas(ro, features).delta_text(' us')}"
-        )
+    for name in READ_ONLY_VARIANTS:
+        if name in by_variant and "dbpool" in by_variant:
+            ro = [b.cpu_us for b in by_variant[name]]
+            features = [b.cpu_us for b in by_variant["dbpool"]]
+            table.notes.append(
+                f"{LABELS[name]} vs {LABELS['dbpool']}: speed "
+                f"{ratios(features, ro).ratio_text()}, {deltas(ro, features).delta_text(' us')}"
+            )
     return table
 
 
@@ -255,20 +256,20 @@ def overhead_targets(results: dict[str, dict[str, list[Batch]]]) -> list[Target]
                     met,
                 )
             )
-        targets.append(read_only_target(route, by_variant))
+        targets.extend(read_only_target(route, by_variant, v) for v in READ_ONLY_VARIANTS)
     return targets
 
 
-def read_only_target(route: str, by_variant: dict[str, list[Batch]]) -> Target:
+def read_only_target(route: str, by_variant: dict[str, list[Batch]], variant: str) -> Target:
     """Read-only routes: at least 1.5x the production baseline (CPU per request)."""
-    name = f"in-process CPU, {ROUTE_TITLES[route]}, {LABELS['dbpool_ro']}"
+    name = f"in-process CPU, {ROUTE_TITLES[route]}, {LABELS[variant]}"
     goal = f">= {READ_ONLY_GOAL:.2f}x production"
-    if "dbpool_ro" not in by_variant:
-        return Target(name, goal, "no dbpool.session(read_only=True) in this checkout", None)
-    cpu = [b.cpu_us for b in by_variant["dbpool_ro"]]
+    if variant not in by_variant:
+        return Target(name, goal, "not in this run (or this checkout)", None)
+    cpu = [b.cpu_us for b in by_variant[variant]]
     vs_bare = ratios([b.cpu_us for b in by_variant["bare"]], cpu)
     vs_prod = ratios([b.cpu_us for b in by_variant["production"]], cpu)
-    errors = sum(b.errors for b in by_variant["dbpool_ro"])
+    errors = sum(b.errors for b in by_variant[variant])
     return Target(
         name,
         goal,
