@@ -87,7 +87,7 @@ class DriverConnection(_ConnectionProxy):  # type: ignore[misc]  # asyncpg is un
 class DriverLease:
     """One request's checkout of one database's connection, handed out as a driver."""
 
-    __slots__ = ("abandon", "db", "driver", "fairy", "proxy", "timeout")
+    __slots__ = ("abandon", "db", "driver", "fairy", "proxy", "settling", "timeout")
 
     def __init__(self, db: Database, fairy: PoolProxiedConnection) -> None:
         self.db = db
@@ -98,6 +98,8 @@ class DriverLease:
         self.timeout: float | None = None
         #: The server stopped answering (client-side deadline): drop it, wait for nothing.
         self.abandon = False
+        #: The task waiting for the server to acknowledge a cancel, once one is needed.
+        self.settling: asyncio.Task[None] | None = None
 
     async def set_timeout(self, timeout: float) -> None:
         """Give this connection the route's statement timeout, until it is released.
@@ -138,6 +140,7 @@ class DriverLease:
             # statement would run on, holding its locks, until the server noticed. A task
             # the request's cancellation cannot reach waits for the server's answer.
             settle = asyncio.get_running_loop().create_task(self._settle(), name=RELEASE_TASK)
+            self.settling = settle
             await asyncio.wait([settle])
             return
         if not clean:
@@ -176,6 +179,8 @@ class DriverLease:
         except Exception:
             self.discard()  # asyncpg has already aborted it on a timeout
             return
+        if self.fairy.dbapi_connection is None:
+            return  # discarded meanwhile (the request was cancelled again)
         if self.driver.is_closed() or self.driver.is_in_transaction() or self.timeout is not None:
             self.discard()
             return

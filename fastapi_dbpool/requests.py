@@ -215,9 +215,11 @@ class RequestContext:
                 await lease.release(clean)
                 del leases[0]
         finally:
-            # Cancelled during a clean-up statement: the rest are discarded, not kept.
+            # Cancelled during a clean-up statement: the rest are discarded, not kept (one
+            # waiting for a cancel's answer is left to its task, which decides).
             for lease in leases:
-                lease.discard()
+                if lease.settling is None:
+                    lease.discard()
 
     async def finish(self) -> None:
         """The request's ASGI call is over: release everything, stop watching.

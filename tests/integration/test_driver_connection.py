@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -21,7 +22,14 @@ from tests.helpers import wait_until
 from tests.helpers.apps import client_for, make_app, serve, settings_for
 from tests.helpers.pg import app_backends
 from tests.helpers.proxy import FaultProxy
-from tests.integration.test_sessions import checked_out, create_items, item_names, plain_dsn
+from tests.integration.test_sessions import (
+    _cancel,
+    _get_in_a_cancel_scope,
+    checked_out,
+    create_items,
+    item_names,
+    plain_dsn,
+)
 
 driver = dbpool.driver_connection()
 
@@ -468,3 +476,70 @@ async def test_the_replica_is_reached_by_name(database_url: str, admin_url: str)
         assert (await client.get("/both")).json() == {"different": True}
         assert replica_stats.checkouts == before + 1
         assert checked_out(app, "replica") == 0
+
+
+async def test_a_timeout_of_something_else_is_not_blamed_on_the_database(
+    database_url: str,
+) -> None:
+    # A TimeoutError from another service the route awaited, while it holds a healthy
+    # driver: nothing for the breaker, and the connection is kept.
+    app = _one_connection_app(database_url)
+
+    @app.get("/pid")
+    async def pid(conn: asyncpg.Connection = Depends(driver)) -> dict[str, int]:
+        return {"pid": await conn.fetchval("SELECT pg_backend_pid()")}
+
+    @app.get("/upstream")
+    async def upstream(conn: asyncpg.Connection = Depends(driver)) -> None:
+        await conn.fetchval("SELECT 1")
+        raise TimeoutError("the pricing service did not answer")
+
+    async with client_for(app, raise_app_exceptions=False) as client:
+        first = (await client.get("/pid")).json()["pid"]
+        await client.get("/upstream")
+        database = _database(app)
+        failures = database.breaker.failures
+        timeouts = database.stats.statement_timeouts
+        after = (await client.get("/pid")).json()["pid"]
+    assert failures == 0 and timeouts == 0
+    assert after == first
+
+
+@pytest.mark.parametrize("cancellation", ["once", "scope"])
+async def test_a_cancelled_request_cancels_its_statement_before_the_connection_returns(
+    database_url: str, cancellation: str
+) -> None:
+    # Cancelled once (asyncio: shutdown, a client gone) or through an anyio cancel scope
+    # (which cancels every await inside it again): the statement in flight is cancelled
+    # on the server, and the pool's only connection comes back and serves again.
+    app = _one_connection_app(database_url, application_name="dbpool-drv-cancel")
+    started = asyncio.Event()
+
+    @app.get("/long")
+    async def long(conn: asyncpg.Connection = Depends(driver)) -> None:
+        started.set()
+        await conn.execute("SELECT pg_sleep(60)")
+
+    @app.get("/q")
+    async def query(conn: asyncpg.Connection = Depends(driver)) -> dict[str, int]:
+        return {"value": await conn.fetchval("SELECT 1")}
+
+    async def sleeping() -> bool:
+        rows = await app_backends(database_url, "dbpool-drv-cancel")
+        return any("pg_sleep" in (r["query"] or "") and r["state"] == "active" for r in rows)
+
+    async def not_sleeping() -> bool:
+        return not await sleeping()
+
+    async with client_for(app) as client:
+        request, scope = _get_in_a_cancel_scope(client, "/long")
+        await asyncio.wait_for(started.wait(), 5)
+        await wait_until(sleeping, 5, message="pg_sleep running on the server")
+        await _cancel(request, scope, cancellation)
+        with contextlib.suppress(asyncio.CancelledError, AssertionError):
+            await asyncio.wait_for(request, 10)
+        await wait_until(not_sleeping, 5, message="statement cancelled on the server")
+        await wait_until(lambda: checked_out(app) == 0, 5, message="connection back")
+        after = await client.get("/q")
+        assert after.status_code == 200 and after.json() == {"value": 1}
+        assert _database(app).breaker.failures == 0

@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 import fastapi_dbpool as dbpool
 from fastapi_dbpool import get_session
-from fastapi_dbpool.requests import RELEASE_TASK
+from fastapi_dbpool.drivers import RELEASE_TASK
 from tests.helpers import wait_until
 from tests.helpers.apps import client_for, make_app, settings_for
 from tests.helpers.pg import app_backends
