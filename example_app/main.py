@@ -5,6 +5,8 @@ It uses only the public API. Each route shows one pattern:
 * ``/items`` CRUD: the request's session (``Depends(dbpool.get_session)``), an explicit
   commit before a write answers; ``GET /items/{id}`` reads through a read-only session
   (``dbpool.session(read_only=True)``: no transaction round trips);
+* ``GET /items/{id}/price``: a hot read path on the pooled asyncpg connection itself
+  (``dbpool.driver_connection()``: no SQLAlchemy on the request's path);
 * ``GET /items/export.csv``: a streamed body that reads the database while it streams;
 * ``GET /reports/slow``: a route with its own statement timeout (2 s, then 504);
 * ``GET /reports/summary``: independent queries in parallel (``dbpool.session_factory``);
@@ -23,6 +25,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
+import asyncpg
 from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -126,6 +129,8 @@ DBSession = Annotated[AsyncSession, Depends(dbpool.get_session)]
 ReadSession = Annotated[AsyncSession, Depends(dbpool.session(read_only=True))]
 ReportSession = Annotated[AsyncSession, Depends(dbpool.session(timeout=SLOW_REPORT_TIMEOUT))]
 SessionFactory = Annotated[dbpool.SessionFactory, Depends(dbpool.session_factory)]
+# A hot read path: the pooled connection's asyncpg Connection, SQL written by hand.
+Driver = Annotated[asyncpg.Connection, Depends(dbpool.driver_connection())]
 
 
 def _not_found(item_id: int) -> HTTPException:
@@ -180,6 +185,22 @@ async def read_item(item_id: int, session: ReadSession) -> ItemOut:
     if item is None:
         raise _not_found(item_id)
     return ItemOut.model_validate(item)
+
+
+class PriceOut(BaseModel):
+    """An item's price."""
+
+    id: int
+    price_cents: int
+
+
+@app.get("/items/{item_id}/price")
+async def item_price(item_id: int, conn: Driver) -> PriceOut:
+    """One item's price, read with asyncpg directly; 404 when it does not exist."""
+    row = await conn.fetchrow("SELECT id, price_cents FROM items WHERE id = $1", item_id)
+    if row is None:
+        raise _not_found(item_id)
+    return PriceOut(id=row["id"], price_cents=row["price_cents"])
 
 
 @app.post("/items", status_code=201)

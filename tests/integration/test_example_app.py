@@ -57,6 +57,9 @@ async def test_crud_round_trip() -> None:
         # A new request sees the row: the route committed before answering.
         read = await client.get(f"/items/{item['id']}")
         assert read.status_code == 200 and read.json() == item
+        price = await client.get(f"/items/{item['id']}/price")
+        assert price.status_code == 200
+        assert price.json() == {"id": item["id"], "price_cents": 200}
 
         replaced = await client.put(
             f"/items/{item['id']}", json={"name": "Green tea", "price_cents": 220}
@@ -80,8 +83,9 @@ async def test_missing_items_answer_404() -> None:
             await client.put("/items/999999", json={"name": "x", "price_cents": 1}),
             await client.delete("/items/999999"),
             await client.post("/items/999999/touch"),
+            await client.get("/items/999999/price"),
         ]
-        assert [r.status_code for r in responses] == [404, 404, 404, 404]
+        assert [r.status_code for r in responses] == [404, 404, 404, 404, 404]
         assert await checked_out(client) == 0
 
 
