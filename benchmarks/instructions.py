@@ -53,7 +53,7 @@ CONCURRENCY = 8
 #: How much slower a program runs under callgrind, roughly (50-100x measured here). The
 #: library's time-based behaviour is scaled by it in the worker: a request that takes
 #: 1 ms at full speed takes ~0.1 s under callgrind, so without scaling the disconnect
-#: watch (armed after 0.25 s), idle validation (after 0.5 s idle) and the background
+#: watch (armed after 1 s), idle validation (after 0.5 s idle) and the background
 #: probe (every 5 s) would run for many requests that at full speed never trigger them,
 #: and the count would be of a slowed-down world, not of this one.
 SLOWDOWN = 100.0
