@@ -205,7 +205,7 @@ async def checkout(db: Database) -> DriverLease:
     return DriverLease(db, fairy)
 
 
-def failed(leases: list[DriverLease], exc: BaseException) -> BaseException | None:
+def learn_from_failure(leases: list[DriverLease], exc: BaseException) -> BaseException | None:
     """What the database side learns from ``exc``, escaped from a route holding drivers.
 
     The breaker counts a failure when the driver itself is broken (closed, or cancelling

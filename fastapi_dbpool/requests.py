@@ -21,11 +21,12 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.types import Message, Receive, Scope
 
-from .drivers import RELEASE_TASK, DriverConnection, DriverLease, checkout, failed
+from .drivers import RELEASE_TASK, DriverConnection, DriverLease, checkout, learn_from_failure
 from .errors import ConfigurationError
 from .sessions import DATABASE_KEY, TIMEOUT_KEY, RequestSession, SessionFactory
 
 if TYPE_CHECKING:
+    from .breaker import CircuitBreaker
     from .runtime import DBPoolRuntime
 
 logger = logging.getLogger("fastapi_dbpool")
@@ -134,11 +135,11 @@ class RequestContext:
         return lease.proxy
 
     def failure_answer(self, exc: BaseException) -> BaseException:
-        """The route raised ``exc``: what to answer with (see ``drivers.failed``)."""
+        """The route raised ``exc``: what to answer with (see ``learn_from_failure``)."""
         if not self.drivers:
             return exc
         leases = list(self.drivers.values())
-        replacement = failed(leases, exc)
+        replacement = learn_from_failure(leases, exc)
         if any(lease.broken() for lease in leases):
             # Not a success for the breaker at release (a half-open trial stays unproven).
             self.failed = True
@@ -198,9 +199,7 @@ class RequestContext:
                 if not self.failed:
                     # It reached the database and nothing failed at the connection level:
                     # a success for the breaker (what closes it after a half-open trial).
-                    breaker = sess.info[DATABASE_KEY].breaker
-                    if breaker.failures or not breaker.is_closed:
-                        breaker.record_success()
+                    _succeeded(sess.info[DATABASE_KEY].breaker)
                 await _close_shielded(sess)
 
     async def _release_drivers(self) -> None:
@@ -213,9 +212,7 @@ class RequestContext:
             while leases:
                 lease = leases[0]
                 if clean and not self.failed:
-                    breaker = lease.db.breaker
-                    if breaker.failures or not breaker.is_closed:
-                        breaker.record_success()
+                    _succeeded(lease.db.breaker)
                 await lease.release(clean)
                 del leases[0]
         finally:
@@ -366,6 +363,12 @@ class RequestContext:
         if message["type"] != "http.disconnect":
             buffer.popleft()
         return message
+
+
+def _succeeded(breaker: CircuitBreaker) -> None:
+    # The common case (closed, no failures counted) costs two attribute reads.
+    if breaker.failures or not breaker.is_closed:
+        breaker.record_success()
 
 
 async def _disconnected() -> Message:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -18,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 import fastapi_dbpool as dbpool
 from fastapi_dbpool import get_session
+from tests.helpers import wait_until
 
 
 def settings_for(database_url: str, **overrides: Any) -> dbpool.DBPoolSettings:
@@ -87,6 +89,18 @@ async def serve(app: FastAPI, **config: Any) -> AsyncIterator[str]:
         server.should_exit = True
         async with asyncio.timeout(30):
             await task
+
+
+async def leave_once(base_url: str, path: str, running: Callable[[], Awaitable[bool]]) -> None:
+    """``GET path`` from a real client that gives up (closes its connection) as soon as
+    ``running()`` holds: a client leaving mid-request."""
+    async with httpx.AsyncClient(base_url=base_url) as client:
+        request = asyncio.create_task(client.get(path))
+        await wait_until(running, 5, message=f"{path} running on the server")
+        request.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await request
+        assert request.cancelled(), f"{path} answered before the client left"
 
 
 def holding_app(

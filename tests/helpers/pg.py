@@ -86,6 +86,12 @@ async def _admin_connect(url: str | URL, connect_timeout: float = 10.0) -> Any:
     )
 
 
+async def statement_active(url: str | URL, application_name: str, needle: str) -> bool:
+    """Whether a backend named ``application_name`` is running a statement containing ``needle``."""
+    rows = await app_backends(url, application_name)
+    return any(needle in (r["query"] or "") and r["state"] == "active" for r in rows)
+
+
 async def app_backends(url: str | URL, application_name: str) -> list[Any]:
     """The ``state`` and ``query`` of the server's backends named ``application_name``.
 

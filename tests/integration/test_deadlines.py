@@ -7,7 +7,6 @@ import logging
 import time
 
 import asyncpg
-import httpx
 import pytest
 from fastapi import Depends, Request
 from sqlalchemy import text
@@ -17,8 +16,15 @@ import fastapi_dbpool as dbpool
 import fastapi_dbpool.requests
 from fastapi_dbpool import get_session
 from tests.helpers import wait_until
-from tests.helpers.apps import client_for, holding_app, make_app, serve, settings_for
-from tests.helpers.pg import app_backends
+from tests.helpers.apps import (
+    client_for,
+    holding_app,
+    leave_once,
+    make_app,
+    serve,
+    settings_for,
+)
+from tests.helpers.pg import app_backends, statement_active
 from tests.integration.test_sessions import checked_out, create_items, plain_dsn
 
 
@@ -135,28 +141,19 @@ async def test_client_disconnect_cancels_the_query_and_frees_the_connection(
     database_url: str,
 ) -> None:
     app = make_app(settings_for(database_url, application_name="dbpool-disc"))
-    started = asyncio.Event()
 
     @app.get("/long")
     async def long(session: AsyncSession = Depends(get_session)) -> None:
-        started.set()
         await session.execute(text("SELECT pg_sleep(60)"))
 
     async def query_running() -> bool:
-        rows = await app_backends(database_url, "dbpool-disc")
-        return any("pg_sleep" in (r["query"] or "") and r["state"] == "active" for r in rows)
+        return await statement_active(database_url, "dbpool-disc", "pg_sleep")
 
     async def query_gone() -> bool:
         return not await query_running()
 
     async with serve(app) as base_url:
-        async with httpx.AsyncClient(base_url=base_url) as client:
-            request = asyncio.create_task(client.get("/long"))
-            await asyncio.wait_for(started.wait(), 5)
-            await wait_until(query_running, 5, message="pg_sleep running on the server")
-            request.cancel()  # the client gives up and closes its connection
-            with pytest.raises(asyncio.CancelledError):
-                await request
+        await leave_once(base_url, "/long", query_running)
         cancelled_at = time.monotonic()
         await wait_until(query_gone, 3, message="query cancelled on the server")
         took = time.monotonic() - cancelled_at

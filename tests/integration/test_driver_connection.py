@@ -19,8 +19,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 import fastapi_dbpool as dbpool
 from fastapi_dbpool import get_session
 from tests.helpers import wait_until
-from tests.helpers.apps import client_for, make_app, serve, settings_for
-from tests.helpers.pg import app_backends
+from tests.helpers.apps import client_for, leave_once, make_app, serve, settings_for
+from tests.helpers.pg import statement_active
 from tests.helpers.proxy import FaultProxy
 from tests.integration.test_sessions import (
     _cancel,
@@ -38,6 +38,14 @@ def _one_connection_app(database_url: str, **overrides: Any) -> FastAPI:
     values: dict[str, Any] = {"pool_size": 1, "max_overflow": 0, "checkout_timeout": 2.0}
     values.update(overrides)
     return make_app(settings_for(database_url, **values))
+
+
+def _add_pid_route(app: FastAPI) -> None:
+    """``GET /pid``: the server pid of the driver connection the request gets."""
+
+    @app.get("/pid")
+    async def pid(conn: asyncpg.Connection = Depends(driver)) -> dict[str, int]:
+        return {"pid": await conn.fetchval("SELECT pg_backend_pid()")}
 
 
 def _database(app: FastAPI) -> Any:
@@ -293,9 +301,7 @@ async def test_a_killed_connection_is_a_503_counted_by_the_breaker_and_replaced(
     app = _one_connection_app(database_url)
     admin = await asyncpg.connect(plain_dsn(database_url))
 
-    @app.get("/pid")
-    async def pid(conn: asyncpg.Connection = Depends(driver)) -> dict[str, int]:
-        return {"pid": await conn.fetchval("SELECT pg_backend_pid()")}
+    _add_pid_route(app)
 
     @app.get("/killed")
     async def killed(conn: asyncpg.Connection = Depends(driver)) -> None:
@@ -363,28 +369,19 @@ async def test_a_client_leaving_cancels_the_statement_and_frees_the_connection(
     database_url: str,
 ) -> None:
     app = make_app(settings_for(database_url, application_name="dbpool-drv-disc"))
-    started = asyncio.Event()
 
     @app.get("/long")
     async def long(conn: asyncpg.Connection = Depends(driver)) -> None:
-        started.set()
         await conn.execute("SELECT pg_sleep(60)")
 
     async def query_running() -> bool:
-        rows = await app_backends(database_url, "dbpool-drv-disc")
-        return any("pg_sleep" in (r["query"] or "") and r["state"] == "active" for r in rows)
+        return await statement_active(database_url, "dbpool-drv-disc", "pg_sleep")
 
     async def query_gone() -> bool:
         return not await query_running()
 
     async with serve(app) as base_url:
-        async with httpx.AsyncClient(base_url=base_url) as client:
-            request = asyncio.create_task(client.get("/long"))
-            await asyncio.wait_for(started.wait(), 5)
-            await wait_until(query_running, 5, message="pg_sleep running on the server")
-            request.cancel()  # the client gives up and closes its connection
-            with pytest.raises(asyncio.CancelledError):
-                await request
+        await leave_once(base_url, "/long", query_running)
         await wait_until(query_gone, 3, message="query cancelled on the server")
         await wait_until(lambda: checked_out(app) == 0, 3, message="connection back")
         # A client leaving is not a database failure.
@@ -414,9 +411,7 @@ async def test_a_streamed_body_holds_the_connection_until_it_ends(database_url: 
 async def test_an_error_in_the_route_keeps_a_clean_connection(database_url: str) -> None:
     app = _one_connection_app(database_url)
 
-    @app.get("/pid")
-    async def pid(conn: asyncpg.Connection = Depends(driver)) -> dict[str, int]:
-        return {"pid": await conn.fetchval("SELECT pg_backend_pid()")}
+    _add_pid_route(app)
 
     @app.get("/bad-sql")
     async def bad_sql(conn: asyncpg.Connection = Depends(driver)) -> None:
@@ -485,9 +480,7 @@ async def test_a_timeout_of_something_else_is_not_blamed_on_the_database(
     # driver: nothing for the breaker, and the connection is kept.
     app = _one_connection_app(database_url)
 
-    @app.get("/pid")
-    async def pid(conn: asyncpg.Connection = Depends(driver)) -> dict[str, int]:
-        return {"pid": await conn.fetchval("SELECT pg_backend_pid()")}
+    _add_pid_route(app)
 
     @app.get("/upstream")
     async def upstream(conn: asyncpg.Connection = Depends(driver)) -> None:
@@ -525,8 +518,7 @@ async def test_a_cancelled_request_cancels_its_statement_before_the_connection_r
         return {"value": await conn.fetchval("SELECT 1")}
 
     async def sleeping() -> bool:
-        rows = await app_backends(database_url, "dbpool-drv-cancel")
-        return any("pg_sleep" in (r["query"] or "") and r["state"] == "active" for r in rows)
+        return await statement_active(database_url, "dbpool-drv-cancel", "pg_sleep")
 
     async def not_sleeping() -> bool:
         return not await sleeping()

@@ -23,7 +23,7 @@ from fastapi_dbpool import get_session
 from fastapi_dbpool.drivers import RELEASE_TASK
 from tests.helpers import wait_until
 from tests.helpers.apps import client_for, make_app, settings_for
-from tests.helpers.pg import app_backends
+from tests.helpers.pg import app_backends, statement_active
 from tests.helpers.proxy import FaultProxy
 
 
@@ -561,8 +561,7 @@ async def test_a_request_cancelled_while_its_release_waits_for_a_spawned_stateme
             request, scope = _get_in_a_cancel_scope(client, "/spawn")
 
             async def waiting_on_the_lock() -> bool:
-                rows = await app_backends(database_url, "dbpool-test")
-                return any("4242" in (r["query"] or "") and r["state"] == "active" for r in rows)
+                return await statement_active(database_url, "dbpool-test", "4242")
 
             await wait_until(waiting_on_the_lock, 5, message="spawned statement waiting")
             on_server.set()
