@@ -535,3 +535,44 @@ async def test_a_cancelled_request_cancels_its_statement_before_the_connection_r
         after = await client.get("/q")
         assert after.status_code == 200 and after.json() == {"value": 1}
         assert _database(app).breaker.failures == 0
+
+
+async def test_a_driver_route_is_refused_at_the_door_while_the_queue_is_full(
+    database_url: str,
+) -> None:
+    # Like a session route: once learned to always need the database, a driver route is
+    # answered 503 before any of the app's code runs while the pool's queue is full.
+    app = _one_connection_app(database_url, checkout_timeout=5.0, max_waiting=1)
+    holding = asyncio.Event()
+    release = asyncio.Event()
+    ran = {"auth": 0}
+
+    async def auth() -> None:
+        ran["auth"] += 1
+
+    @app.get("/hold")
+    async def hold(conn: asyncpg.Connection = Depends(driver)) -> dict[str, int]:
+        holding.set()
+        await release.wait()
+        return {"value": await conn.fetchval("SELECT 1")}
+
+    @app.get("/counted", dependencies=[Depends(auth)])
+    async def counted(conn: asyncpg.Connection = Depends(driver)) -> dict[str, int]:
+        return {"value": await conn.fetchval("SELECT 1")}
+
+    async with client_for(app) as client:
+        assert (await client.get("/counted")).json() == {"value": 1}  # learned
+        assert ran["auth"] == 1
+        holder = asyncio.create_task(client.get("/hold"))
+        await asyncio.wait_for(holding.wait(), 5)
+        database = _database(app)
+        queued = asyncio.create_task(client.get("/counted"))
+        await wait_until(lambda: database.stats.waiting == 1, 5, message="one request queued")
+        refused = await client.get("/counted")
+        release.set()
+        assert (await holder).status_code == 200
+        assert (await queued).json() == {"value": 1}
+    assert refused.status_code == 503
+    assert "busy" in refused.json()["detail"]
+    # The refused request never reached the route's dependencies: 1 learned + 1 queued.
+    assert ran["auth"] == 2
