@@ -6,9 +6,10 @@ from the same pool as the sessions, with the same checkout timeout, circuit brea
 tracking, metrics and server-side deadlines. What it skips is SQLAlchemy: no session, no
 Core statement, no transaction. Statements run in autocommit, one round trip each.
 
-Measured (docs/performance.md, 2b): SQLAlchemy's ``AsyncSession`` costs ~320,000
-instructions per request over asyncpg for one statement, however few its round trips;
-this is the dependency for routes where that matters.
+Measured (docs/performance.md, 2b): a read-only ``AsyncSession`` costs ~520,000-860,000
+instructions per request more than this dependency for the same statement (SELECT 1 /
+a primary-key lookup), however few its round trips; this is the dependency for routes
+where that matters.
 
 The library gives the connection back at the response's start (a streamed body: at its
 end), as it does a session's. It is discarded instead of reused when the request was
