@@ -45,6 +45,7 @@ COMPARISONS = {
     "http": "benchmarks.http_throughput",
     "overhead": "benchmarks.overhead",
     "instructions": "benchmarks.instructions",
+    "http_instructions": "benchmarks.http_instructions",
     "checkout": "benchmarks.checkout",
     "burst": "benchmarks.burst",
     "burst_http": "benchmarks.burst_http",

@@ -341,11 +341,31 @@ def app_from_env() -> FastAPI:
     )
     # Every SQLAlchemy pool of this process (one variant per server process).
     event.listen(Pool, "connect", _count_connection)
-    app = build_app(env["BENCH_VARIANT"], config)
+    overrides: dict[str, Any] = {}
+    slowdown = float(env.get("BENCH_SLOWDOWN", "1"))
+    if slowdown != 1:
+        # Under callgrind (2c): the library's time-based behaviour stretched as in 2b.
+        import fastapi_dbpool.requests
+
+        fastapi_dbpool.requests.DISCONNECT_WATCH_DELAY *= slowdown
+        overrides = {
+            "pre_ping_idle": 0.5 * slowdown,
+            "health_check_interval": 5.0 * slowdown,
+            "leak_threshold": 30.0 * slowdown,
+        }
+    app = build_app(env["BENCH_VARIANT"], config, **overrides)
 
     # After the app's own routes: routing to those costs nothing more.
     @app.get("/bench/opened")
     async def connections_opened() -> dict[str, int]:
         return dict(_opened)
+
+    if env.get("BENCH_MARK"):
+
+        @app.get("/bench/mark")
+        async def mark() -> dict[str, int]:
+            # Where callgrind dumps its counters (--dump-before=getppid), for 2c.
+            os.getppid()
+            return {"marked": 1}
 
     return app
