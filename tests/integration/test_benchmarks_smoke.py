@@ -25,6 +25,7 @@ COMPARISONS = {
     "http",
     "overhead",
     "instructions",
+    "http_instructions",
     "checkout",
     "burst",
     "burst_http",
@@ -52,7 +53,7 @@ async def test_every_benchmark_runs_with_tiny_sizes(database_url: str, tmp_path:
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     results = {
@@ -94,6 +95,15 @@ async def test_every_benchmark_runs_with_tiny_sizes(database_url: str, tmp_path:
         assert {p["variant"] for p in parts} == {"bare", "production", "dbpool"}
         assert all(p["instructions"] > 100_000 * p["requests"] for p in parts), parts
         assert all(p["errors"] == 0 for p in parts), parts
+    # The driver_connection variant ran over HTTP and answered 200.
+    for case, by_variant in results["http"]["data"]["runs"].items():
+        assert by_variant["dbpool_driver"], case
+        assert all(r["non_2xx"] == 0 and r["requests"] > 0 for r in by_variant["dbpool_driver"])
+    # The servers' instructions over HTTP were counted (when valgrind is there).
+    if shutil.which("valgrind"):
+        counts = results["http_instructions"]["data"]["counts"]
+        assert {c["variant"] for c in counts} == {"bare", "production", "dbpool"}
+        assert all(c["per_request"] > 100_000 and c["errors"] == 0 for c in counts), counts
     for route, by_variant in results["overhead"]["data"]["batches"].items():
         assert by_variant["dbpool_ro"], route
         assert all(b["errors"] == 0 for b in by_variant["dbpool_ro"]), route
