@@ -14,24 +14,21 @@ stretched by ``SLOWDOWN`` as in 2b (``BENCH_SLOWDOWN``).
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 
+from .apps import AppConfig
 from .common import (
-    REPO_ROOT,
     BenchContext,
     Report,
     Table,
     Target,
     fmt_int,
 )
+from .http_throughput import UvicornServer
 from .instructions import SLOWDOWN, _part_totals
 from .overhead import ROUTE_TITLES, ROUTES
 
@@ -48,15 +45,6 @@ CONCURRENCY = 32
 #: How long the server may take to start under valgrind, and a request to answer.
 START_TIMEOUT = 240.0
 REQUEST_TIMEOUT = 600.0
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 async def _drive(port: int, route: str, items: int, warmup: int, requests: int) -> int:
@@ -90,80 +78,39 @@ async def _drive(port: int, route: str, items: int, warmup: int, requests: int) 
     return errors
 
 
-async def _wait_started(port: int, server: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    async with httpx.AsyncClient(timeout=30) as client:
-        while time.monotonic() < deadline:
-            if server.poll() is not None:
-                raise RuntimeError(f"the server under valgrind exited ({server.returncode})")
-            try:
-                await client.get(f"http://127.0.0.1:{port}/bench/opened")
-                return
-            except httpx.HTTPError:
-                await asyncio.sleep(0.5)
-    raise RuntimeError(f"the server under valgrind did not start in {START_TIMEOUT:g} s")
-
-
 def count(ctx: BenchContext, variant: str, route: str, requests: int) -> tuple[float, int]:
     """Instructions per request of ``variant``'s server on ``route``, and its non-200s."""
-    port = _free_port()
+    config = AppConfig(
+        url=ctx.database_url,
+        pool_size=ctx.profile.pool_size,
+        max_overflow=ctx.profile.max_overflow,
+    )
     with tempfile.TemporaryDirectory(prefix="dbpool-bench-hcg-") as tmp:
         out = Path(tmp) / "callgrind.out"
-        env = {
-            **os.environ,
-            "PYTHONHASHSEED": "0",
-            "BENCH_VARIANT": variant,
-            "BENCH_DATABASE_URL": ctx.database_url,
-            "BENCH_POOL_SIZE": str(ctx.profile.pool_size),
-            "BENCH_MAX_OVERFLOW": str(ctx.profile.max_overflow),
-            "BENCH_MARK": "1",
-            "BENCH_SLOWDOWN": str(SLOWDOWN),
-        }
-        log = (Path(tmp) / "server.log").open("wb")
-        server = subprocess.Popen(
-            [
+        server = UvicornServer(
+            variant,
+            config,
+            Path(tmp),
+            extra_env={"PYTHONHASHSEED": "0", "BENCH_MARK": "1", "BENCH_SLOWDOWN": str(SLOWDOWN)},
+            command_prefix=[
                 "valgrind",
                 "--tool=callgrind",
                 "--dump-before=getppid",
                 f"--callgrind-out-file={out}",
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "--factory",
-                "benchmarks.apps:app_from_env",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--loop",
-                "uvloop",
-                "--http",
-                "httptools",
-                "--no-access-log",
-                "--log-level",
-                "warning",
             ],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
         )
+        server.start()
         try:
-            asyncio.run(_wait_started(port, server))
+            server.wait_ready(START_TIMEOUT)
             warmup = min(200, max(20, requests // 2))
-            errors = asyncio.run(_drive(port, route, ctx.profile.items, warmup, requests))
+            errors = asyncio.run(_drive(server.port, route, ctx.profile.items, warmup, requests))
         finally:
-            server.terminate()
-            try:
-                server.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
-            log.close()
+            server.stop(timeout=120)
         totals = _part_totals(Path(tmp), out.name)
         if 2 not in totals:
-            text = (Path(tmp) / "server.log").read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"callgrind wrote no measured part; parts {sorted(totals)}\n{text}")
+            raise RuntimeError(
+                f"callgrind wrote no measured part; parts {sorted(totals)}\n{server.log_tail()}"
+            )
         # Part 2 runs from the first mark to the second: the requests and one mark request.
         return totals[2] / requests, errors
 
@@ -193,15 +140,25 @@ def run(ctx: BenchContext) -> Report:
         for variant in variants:
             per[variant], errors[variant] = count(ctx, variant, route, requests)
             data.append(
-                {"route": route, "variant": variant, "per_request": per[variant],
-                 "errors": errors[variant]}
+                {
+                    "route": route,
+                    "variant": variant,
+                    "per_request": per[variant],
+                    "errors": errors[variant],
+                }
             )
         bare, production = per["bare"], per["production"]
         table = Table(
             f"{ROUTE_TITLES[route]}: the server's instructions per request over HTTP, "
             f"{requests} requests, {CONCURRENCY} connections",
-            ["variant", "instr/req", "speed vs bare", "speed vs production", "added vs bare",
-             "non-200"],
+            [
+                "variant",
+                "instr/req",
+                "speed vs bare",
+                "speed vs production",
+                "added vs bare",
+                "non-200",
+            ],
         )
         for variant in variants:
             table.add(

@@ -66,10 +66,13 @@ class UvicornServer:
         config: AppConfig,
         log_dir: Path,
         extra_env: dict[str, str] | None = None,
+        command_prefix: list[str] | None = None,
     ) -> None:
         self.variant = variant
         self.config = config
         self.extra_env = extra_env or {}
+        #: What runs the interpreter (2c: valgrind and its options).
+        self.command_prefix = command_prefix or []
         self.port = free_port()
         self.log_path = log_dir / f"{variant}.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -88,6 +91,7 @@ class UvicornServer:
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
                 [
+                    *self.command_prefix,
                     sys.executable,
                     "-m",
                     "uvicorn",
@@ -160,12 +164,12 @@ class UvicornServer:
         self.process.send_signal(signal.SIGINT)
         self.interrupted = True
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 20.0) -> None:
         if self.process is None or self.process.poll() is not None:
             return
         self.interrupt()
         try:
-            self.process.wait(timeout=20)
+            self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
@@ -390,9 +394,7 @@ def http_targets(route: str, concurrency: int, by_variant: dict[str, list[Run]])
                 vs_bare.median >= 1.0 and vs_prod.median > 1.0 and errors == 0,
             )
         )
-    targets.extend(
-        read_only_target(route, concurrency, by_variant, v) for v in READ_ONLY_VARIANTS
-    )
+    targets.extend(read_only_target(route, concurrency, by_variant, v) for v in READ_ONLY_VARIANTS)
     return targets
 
 
