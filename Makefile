@@ -4,7 +4,7 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXTRAS := test,example,cli,otel
-SOURCES := fastapi_dbpool example_app tests
+SOURCES := fastapi_dbpool example_app tests benchmarks
 
 .PHONY: venv run test lint fmt bench bench-tools clean promtool
 
