@@ -14,7 +14,6 @@ stretched by ``SLOWDOWN`` as in 2b (``BENCH_SLOWDOWN``).
 from __future__ import annotations
 
 import asyncio
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from .common import (
     fmt_int,
 )
 from .http_throughput import UvicornServer
-from .instructions import SLOWDOWN, _part_totals
+from .instructions import SLOWDOWN, _part_totals, valgrind_missing
 from .overhead import ROUTE_TITLES, ROUTES
 
 #: The variants counted: the baselines and the library with and without HTTP metrics.
@@ -120,11 +119,7 @@ def run(ctx: BenchContext) -> Report:
         "http_instructions", "2c. The server's instructions per request over HTTP (callgrind)"
     )
     requests = ctx.profile.instructions_requests
-    if shutil.which("valgrind") is None:
-        report.notes.append("valgrind is not installed: not measured (apt-get install valgrind)")
-        report.targets.append(
-            Target("server instructions per request over HTTP", "measured", "no valgrind", None)
-        )
+    if valgrind_missing(report, "server instructions per request over HTTP"):
         return report
     variants = [v for v in VARIANTS if v in (ctx.profile.instructions_variants or VARIANTS)]
     ctx.log(

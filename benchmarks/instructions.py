@@ -230,15 +230,20 @@ def measure(ctx: BenchContext, variants: list[str], requests: int) -> list[Part]
     return parts
 
 
+def valgrind_missing(report: Report, target: str) -> bool:
+    """Without valgrind: say so in ``report`` (``target`` not measurable) and return True."""
+    if shutil.which("valgrind") is not None:
+        return False
+    report.notes.append("valgrind is not installed: not measured (apt-get install valgrind)")
+    report.targets.append(Target(target, "measured", "valgrind missing", None))
+    return True
+
+
 def run(ctx: BenchContext) -> Report:
     report = Report("instructions", "2b. Instructions per request (callgrind, deterministic)")
     variants = list(ctx.profile.instructions_variants or VARIANTS)
     requests = ctx.profile.instructions_requests
-    if shutil.which("valgrind") is None:
-        report.notes.append("valgrind is not installed: not measured (apt-get install valgrind)")
-        report.targets.append(
-            Target("instructions per request", "measured", "valgrind missing", None)
-        )
+    if valgrind_missing(report, "instructions per request"):
         return report
     ctx.log(
         f"instructions: {len(variants)} variants x {len(ROUTES)} routes, {requests} requests "

@@ -206,8 +206,11 @@ async def checkout(db: Database) -> DriverLease:
     return DriverLease(db, fairy)
 
 
-def learn_from_failure(leases: list[DriverLease], exc: BaseException) -> BaseException | None:
-    """What the database side learns from ``exc``, escaped from a route holding drivers.
+def learn_from_failure(
+    leases: list[DriverLease], broken: list[DriverLease], exc: BaseException
+) -> BaseException | None:
+    """What the database side learns from ``exc``, escaped from a route holding ``leases``
+    (``broken``: those whose driver is broken, see :meth:`DriverLease.broken`).
 
     The breaker counts a failure when the driver itself is broken (closed, or cancelling
     after its client-side deadline): a ``TimeoutError`` from anything else the route
@@ -217,7 +220,6 @@ def learn_from_failure(leases: list[DriverLease], exc: BaseException) -> BaseExc
     """
     if isinstance(exc, sa_exc.StatementError):
         return None
-    broken = [lease for lease in leases if lease.broken()]
     if isinstance(exc, asyncpg.exceptions.QueryCanceledError):
         if "statement timeout" in str(exc) and len(leases) == 1:
             stats = leases[0].db.stats

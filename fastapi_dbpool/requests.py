@@ -139,10 +139,11 @@ class RequestContext:
         if not self.drivers:
             return exc
         leases = list(self.drivers.values())
-        replacement = learn_from_failure(leases, exc)
-        if any(lease.broken() for lease in leases):
+        broken = [lease for lease in leases if lease.broken()]
+        if broken:
             # Not a success for the breaker at release (a half-open trial stays unproven).
             self.failed = True
+        replacement = learn_from_failure(leases, broken, exc)
         return exc if replacement is None else replacement
 
     def factory(self, database: str) -> SessionFactory:

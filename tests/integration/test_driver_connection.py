@@ -451,7 +451,7 @@ async def test_wiring_mistakes_are_clear_errors(database_url: str) -> None:
             await client.get("/replica")
 
 
-async def test_the_replica_is_reached_by_name(database_url: str, admin_url: str) -> None:
+async def test_the_replica_is_reached_by_name(database_url: str) -> None:
     app = make_app(
         settings_for(database_url, replica_url=database_url, application_name="dbpool-drv-rep")
     )
