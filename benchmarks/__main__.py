@@ -43,6 +43,7 @@ from .common import (
 #: Comparison name -> module, in the order they run.
 COMPARISONS = {
     "http": "benchmarks.http_throughput",
+    "http_pairs": "benchmarks.http_pairs",
     "overhead": "benchmarks.overhead",
     "instructions": "benchmarks.instructions",
     "http_instructions": "benchmarks.http_instructions",
@@ -64,6 +65,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--rounds", type=int, help="alternating rounds (default: profile's)")
     parser.add_argument(
+        "--pair-rounds", type=int, help="rounds of 1b, HTTP head to head (default: profile's)"
+    )
+    parser.add_argument(
         "--database-url",
         default=os.environ.get(DATABASE_URL_ENV),
         help=f"benchmark this database (default ${DATABASE_URL_ENV}, else an embedded one)",
@@ -82,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     profile = PROFILES[args.profile]
     if args.rounds is not None:
         profile = dataclasses.replace(profile, rounds=max(1, args.rounds))
+    if args.pair_rounds is not None:
+        profile = dataclasses.replace(profile, pair_rounds=max(1, args.pair_rounds))
     names = args.only or list(COMPARISONS)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     started = time.perf_counter()

@@ -61,6 +61,9 @@ class Profile:
     http_duration: float
     http_warmup: float
     http_concurrency: tuple[int, ...]
+    # 1b. HTTP head to head: rounds and seconds per run (its own, many short rounds)
+    pair_rounds: int
+    pair_duration: float
     # 2. in-process overhead and 6. feature costs
     inproc_requests: int
     inproc_concurrency: int
@@ -92,6 +95,8 @@ PROFILES: dict[str, Profile] = {
         http_duration=4.0,
         http_warmup=1.0,
         http_concurrency=(32, 256),
+        pair_rounds=30,
+        pair_duration=2.0,
         inproc_requests=1500,
         inproc_concurrency=8,
         instructions_requests=400,
@@ -116,6 +121,8 @@ PROFILES: dict[str, Profile] = {
         http_duration=2.0,
         http_warmup=0.5,
         http_concurrency=(32, 256),
+        pair_rounds=8,
+        pair_duration=1.0,
         inproc_requests=400,
         inproc_concurrency=8,
         instructions_requests=150,
@@ -140,6 +147,8 @@ PROFILES: dict[str, Profile] = {
         http_duration=0.3,
         http_warmup=0.0,
         http_concurrency=(4,),
+        pair_rounds=1,
+        pair_duration=0.3,
         inproc_requests=10,
         inproc_concurrency=2,
         instructions_requests=20,
@@ -218,6 +227,87 @@ def ratios(values: Sequence[float], reference: Sequence[float]) -> Spread:
 def deltas(values: Sequence[float], reference: Sequence[float]) -> Spread:
     """Per-round ``values[r] - reference[r]``, summarised."""
     return Spread.of([v - r for v, r in zip(values, reference, strict=True)])
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Many paired ratios (each measured back to back): median, its 95% interval, range.
+
+    The interval is distribution-free: order statistics of the ratios chosen by the
+    binomial distribution (the median lies between the k-th lowest and k-th highest
+    ratio with at least 95% probability, whatever the noise's shape). It narrows with
+    the number of pairs, where the range only widens: it says whether a difference of a
+    few percent is there at all on a machine whose runs move by 15%.
+    """
+
+    median: float
+    low: float
+    high: float
+    interval: tuple[float, float]
+    wins: int
+    pairs: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Paired:
+        finite = sorted(v for v in values if math.isfinite(v))
+        if not finite:
+            return cls(math.nan, math.nan, math.nan, (math.nan, math.nan), 0, 0)
+        return cls(
+            statistics.median(finite),
+            finite[0],
+            finite[-1],
+            median_interval(finite),
+            sum(v > 1.0 for v in finite),
+            len(finite),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "median": self.median,
+            "low": self.low,
+            "high": self.high,
+            "interval95": list(self.interval),
+            "above_1": self.wins,
+            "pairs": self.pairs,
+        }
+
+    def ratio_text(self) -> str:
+        """``1.07x [1.03-1.12] (0.85-1.40, 21/30 > 1)``: median [95% interval] (range)."""
+        if not math.isfinite(self.median):
+            return "-"
+        lo, hi = self.interval
+        interval = f" [{lo:.2f}-{hi:.2f}]" if math.isfinite(lo) else ""
+        return (
+            f"{self.median:.2f}x{interval} ({self.low:.2f}-{self.high:.2f}, "
+            f"{self.wins}/{self.pairs} > 1)"
+        )
+
+
+def median_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free ``confidence`` interval of the median of ``values``.
+
+    ``(x[k], x[n-1-k])`` of the sorted values, with the largest ``k`` for which
+    P(Binomial(n, 1/2) <= k) <= (1 - confidence) / 2 (NaNs when there are too few values
+    for any such k: fewer than 6 at 95%).
+    """
+    ordered = sorted(values)
+    n = len(ordered)
+    tail = (1.0 - confidence) / 2.0
+    k = -1
+    below = 0.0
+    for i in range(n // 2):
+        below += math.comb(n, i) / 2.0**n
+        if below > tail:
+            break
+        k = i
+    if k < 0:
+        return (math.nan, math.nan)
+    return (ordered[k], ordered[n - 1 - k])
+
+
+def paired_ratios(values: Sequence[float], reference: Sequence[float]) -> Paired:
+    """Per-pair ``values[i] / reference[i]`` with their median's 95% interval."""
+    return Paired.of([v / r if r else math.nan for v, r in zip(values, reference, strict=True)])
 
 
 def rotated(items: Sequence[str], round_index: int) -> list[str]:

@@ -385,13 +385,15 @@ def http_targets(route: str, concurrency: int, by_variant: dict[str, list[Run]])
         rps = [r.rps for r in by_variant[variant]]
         vs_bare, vs_prod = ratios(rps, bare), ratios(rps, production)
         errors = sum(r.load.non_2xx + r.load.socket_errors for r in by_variant[variant])
+        # Judged in 1b (http_pairs.py): a few rounds of eight variants, each ratio from
+        # runs up to half a minute apart, cannot tell a few percent from noise here.
         targets.append(
             Target(
                 f"HTTP req/s, {ROUTE_TITLES[route]} @{concurrency}, {LABELS[variant]}",
-                ">= 1.00x bare and > 1.00x production",
+                ">= 1.00x bare and > 1.00x production (judged head to head: 1b)",
                 f"{vs_bare.ratio_text()} bare, {vs_prod.ratio_text()} production"
                 + (f", {errors} non-2xx/errors" if errors else ""),
-                vs_bare.median >= 1.0 and vs_prod.median > 1.0 and errors == 0,
+                False if errors else None,
             )
         )
     targets.extend(read_only_target(route, concurrency, by_variant, v) for v in READ_ONLY_VARIANTS)

@@ -23,6 +23,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COMPARISONS = {
     "http",
+    "http_pairs",
     "overhead",
     "instructions",
     "http_instructions",
@@ -89,6 +90,17 @@ async def test_every_benchmark_runs_with_tiny_sizes(database_url: str, tmp_path:
         assert all(r["non_2xx"] == 0 and r["requests"] > 0 for r in by_variant["dbpool_ro"]), case
         # /bench/opened answered on every server (NaN when it did not).
         assert all(r["connections_opened"] >= 0 for rs in by_variant.values() for r in rs), case
+    # Head to head (1b): the four variants ran in every round of every case, and each
+    # target variant's speed against both baselines was computed from them.
+    pairs = results["http_pairs"]["data"]
+    for case, by_variant in pairs["runs"].items():
+        assert set(by_variant) == {"bare", "production", "dbpool", "dbpool_instr"}, case
+        assert all(len(runs) == pairs["rounds"] for runs in by_variant.values()), case
+        assert all(
+            r["non_2xx"] == 0 and r["requests"] > 0 for rs in by_variant.values() for r in rs
+        )
+        speed = pairs["speed"][case]["dbpool"]["vs_bare"]
+        assert speed["pairs"] == pairs["rounds"] and speed["median"] > 0, speed
     # Instructions were counted by callgrind for every batch (when valgrind is there).
     if shutil.which("valgrind"):
         parts = results["instructions"]["data"]["parts"]
