@@ -30,7 +30,7 @@ from .common import (
     fmt_int,
     paired_ratios,
 )
-from .http_throughput import ROUTE_TITLES, ROUTES, Run, load, servers
+from .http_throughput import ROUTE_TITLES, ROUTES, Run, load, runs_data, servers
 
 #: The baselines and the two variants the targets are about.
 PAIR_VARIANTS: tuple[str, ...] = ("bare", "production", "dbpool", "dbpool_instr")
@@ -100,21 +100,7 @@ def run(ctx: BenchContext) -> Report:
         "generator": generator,
         "rounds": rounds,
         "duration_s": profile.pair_duration,
-        "runs": {
-            f"{route}@{c}": {
-                v: [
-                    {
-                        **r.load.__dict__,
-                        "served_rps": r.rps,
-                        "server_cpu_us_per_served": r.server_cpu_us,
-                        "connections_opened": r.opened,
-                    }
-                    for r in rs
-                ]
-                for v, rs in by_variant.items()
-            }
-            for (route, c), by_variant in results.items()
-        },
+        "runs": runs_data(results),
         "speed": {
             f"{route}@{c}": {
                 v: {

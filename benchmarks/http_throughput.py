@@ -28,6 +28,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .apps import LABELS, READ_ONLY_VARIANTS, VARIANTS, AppConfig
 from .common import (
@@ -307,23 +308,28 @@ def run(ctx: BenchContext) -> Report:
         "generator": generator,
         "instrumentator_metrics_present": instrumented,
         "server_rss_mib": rss,
-        "runs": {
-            f"{route}@{c}": {
-                v: [
-                    {
-                        **r.load.__dict__,
-                        "served_rps": r.rps,
-                        "server_cpu_us_per_served": r.server_cpu_us,
-                        "connections_opened": r.opened,
-                    }
-                    for r in rs
-                ]
-                for v, rs in by_variant.items()
-            }
-            for (route, c), by_variant in results.items()
-        },
+        "runs": runs_data(results),
     }
     return report
+
+
+def runs_data(results: dict[tuple[str, int], dict[str, list[Run]]]) -> dict[str, Any]:
+    """Every run of every case and variant, as the JSON results keep them."""
+    return {
+        f"{route}@{c}": {
+            v: [
+                {
+                    **r.load.__dict__,
+                    "served_rps": r.rps,
+                    "server_cpu_us_per_served": r.server_cpu_us,
+                    "connections_opened": r.opened,
+                }
+                for r in rs
+            ]
+            for v, rs in by_variant.items()
+        }
+        for (route, c), by_variant in results.items()
+    }
 
 
 def _http_metrics_served(port: int) -> bool:
