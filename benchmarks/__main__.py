@@ -45,6 +45,7 @@ COMPARISONS = {
     "http": "benchmarks.http_throughput",
     "http_pairs": "benchmarks.http_pairs",
     "overhead": "benchmarks.overhead",
+    "inproc_pairs": "benchmarks.inproc_pairs",
     "instructions": "benchmarks.instructions",
     "http_instructions": "benchmarks.http_instructions",
     "checkout": "benchmarks.checkout",

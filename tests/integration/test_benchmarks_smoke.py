@@ -25,6 +25,7 @@ COMPARISONS = {
     "http",
     "http_pairs",
     "overhead",
+    "inproc_pairs",
     "instructions",
     "http_instructions",
     "checkout",
@@ -101,6 +102,15 @@ async def test_every_benchmark_runs_with_tiny_sizes(database_url: str, tmp_path:
         )
         speed = pairs["speed"][case]["dbpool"]["vs_bare"]
         assert speed["pairs"] == pairs["rounds"] and speed["median"] > 0, speed
+    # In-process head to head (2d): every variant's worker answered every batch, per set.
+    inproc = results["inproc_pairs"]["data"]
+    assert len(inproc["batches"]) == inproc["generations"] >= 1
+    for generation in inproc["batches"]:
+        for by_variant in generation.values():
+            assert set(by_variant) == {"bare", "production", "dbpool", "dbpool_instr"}
+            for batches in by_variant.values():
+                assert len(batches) == inproc["rounds_per_generation"]
+                assert all(b["errors"] == 0 and b["cpu_us"] > 0 for b in batches), batches
     # Instructions were counted by callgrind for every batch (when valgrind is there).
     if shutil.which("valgrind"):
         parts = results["instructions"]["data"]["parts"]

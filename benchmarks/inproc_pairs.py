@@ -1,0 +1,278 @@
+"""2d. In-process CPU head to head: each variant alone in its own process, paired batches.
+
+Comparison 2 runs eight apps in one process and alternates slices of ~75 requests
+between them: each slice starts after seven other apps' work has gone through the same
+caches, and every app's background tasks run in whichever slice is on. A service runs
+one app per process. Here each of the four variants the target concerns (bare,
+production, all features, all features + HTTP metrics) runs alone in a worker process
+of its own, through httpx's ASGI transport as in 2. The parent asks the workers for one
+batch at a time, back to back (forward order on even rounds, backward on odd ones), and
+each worker measures its own ``time.process_time()`` over its batch; the others wait on
+their event loops meanwhile (background tasks running, as in a service).
+
+A process keeps its own speed for its lifetime: with one set of processes for a whole
+run, the rounds' ratios agree with each other and not with the next run's. So the workers
+are started afresh every ``GENERATION_ROUNDS`` rounds, each set gives its median ratio,
+and the report gives the median of those over the sets, with its 95% interval
+(``common.Paired``) and range.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+
+import httpx
+
+from .apps import LABELS, AppConfig, build_app
+from .common import (
+    REPO_ROOT,
+    BenchContext,
+    Paired,
+    Report,
+    Spread,
+    Table,
+    Target,
+    fmt_int,
+    paired_ratios,
+    run_async,
+    running,
+)
+from .http_pairs import PAIR_VARIANTS, TARGET_VARIANTS, round_order
+from .overhead import ROUTE_TITLES, ROUTES, Batch, measure, path_of
+
+# -- the worker: one variant, commands on stdin, answers on stdout ------------------------
+
+
+async def _serve(variant: str, url: str, items: int, concurrency: int) -> None:
+    config = AppConfig(url=url)
+    loop = asyncio.get_running_loop()
+    async with running(build_app(variant, config)) as app:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
+            for route in ROUTES:
+                await measure(client, path_of(route, items, 0), 50, concurrency)
+            print("READY", flush=True)
+            while True:
+                # Read in a thread: the event loop keeps running the app's background tasks.
+                line = await loop.run_in_executor(None, sys.stdin.readline)
+                if not line or line.strip() == "quit":
+                    return
+                route, requests, offset = line.split()
+                batch = await measure(
+                    client, path_of(route, items, int(offset)), int(requests), concurrency
+                )
+                print("BATCH " + json.dumps(batch.__dict__), flush=True)
+
+
+def worker(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.inproc_pairs --worker")
+    parser.add_argument("--variant", required=True)
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--items", type=int, required=True)
+    parser.add_argument("--concurrency", type=int, required=True)
+    args = parser.parse_args(argv)
+    run_async(lambda: _serve(args.variant, args.url, args.items, args.concurrency))
+
+
+# -- the parent ---------------------------------------------------------------------------
+
+
+class Worker:
+    """One variant's worker process."""
+
+    def __init__(self, ctx: BenchContext, variant: str) -> None:
+        self.variant = variant
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.inproc_pairs",
+                "--worker",
+                "--variant",
+                variant,
+                "--url",
+                ctx.database_url,
+                "--items",
+                str(ctx.profile.items),
+                "--concurrency",
+                str(ctx.profile.inproc_concurrency),
+            ],
+            cwd=REPO_ROOT,
+            env={**os.environ},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def _line(self, prefix: str) -> str:
+        assert self.process.stdout is not None
+        while True:
+            line = self.process.stdout.readline()
+            if not line:
+                raise RuntimeError(f"the {self.variant} worker exited ({self.process.wait()})")
+            if line.startswith(prefix):
+                return line[len(prefix) :]
+
+    def wait_ready(self) -> None:
+        self._line("READY")
+
+    def batch(self, route: str, requests: int, offset: int) -> Batch:
+        assert self.process.stdin is not None
+        self.process.stdin.write(f"{route} {requests} {offset}\n")
+        self.process.stdin.flush()
+        return Batch(**json.loads(self._line("BATCH ")))
+
+    def stop(self) -> None:
+        if self.process.stdin is not None and self.process.poll() is None:
+            try:
+                self.process.stdin.write("quit\n")
+                self.process.stdin.close()
+            except OSError:
+                pass
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+#: Rounds per set of worker processes. A process keeps its own speed for its lifetime
+#: (two runs of 60 rounds with one set of processes each measured the library at 1.09x-1.13x
+#: and at 0.95x-0.97x bare, each with a narrow interval): fresh processes every this many
+#: rounds, and the targets judged on each set's median.
+GENERATION_ROUNDS = 10
+
+
+def run(ctx: BenchContext) -> Report:
+    profile = ctx.profile
+    # Batches here are short (~0.3 s): twice 1b's rounds, for about the same time.
+    rounds = 2 * profile.pair_rounds
+    generations = max(1, rounds // GENERATION_ROUNDS)
+    per_generation = max(1, rounds // generations)
+    requests = max(10, profile.inproc_requests // 10)
+    ctx.log(
+        f"in-process head to head: {generations} sets of {len(PAIR_VARIANTS)} worker processes, "
+        f"{per_generation} rounds each, {requests} requests per variant and route"
+    )
+    results: list[dict[str, dict[str, list[Batch]]]] = []
+    for generation in range(generations):
+        results.append(_generation(ctx, per_generation, requests, generation))
+        ctx.log(f"in-process head to head: set {generation + 1}/{generations} done")
+    report = Report("inproc_pairs", "2d. In-process CPU head to head (one process per variant)")
+    for route in ROUTES:
+        by_generation = [g[route] for g in results]
+        report.tables.append(pairs_table(route, by_generation, requests, per_generation))
+        report.targets.extend(pairs_targets(route, by_generation))
+    report.notes.append(
+        "each variant alone in a worker process, httpx's ASGI transport as in 2; CPU = the "
+        "worker's time.process_time() over its batch, per request; a set's speed = the median "
+        "of baseline CPU / variant CPU per round; shown over the sets: median [95% interval "
+        "of the median, from 6 sets on] (lowest-highest, sets where the variant was faster "
+        "/ sets)."
+    )
+    report.data = {
+        "requests_per_batch": requests,
+        "generations": generations,
+        "rounds_per_generation": per_generation,
+        "concurrency": profile.inproc_concurrency,
+        "batches": [
+            {
+                route: {v: [b.__dict__ for b in batches] for v, batches in by_variant.items()}
+                for route, by_variant in generation.items()
+            }
+            for generation in results
+        ],
+    }
+    return report
+
+
+def _generation(
+    ctx: BenchContext, rounds: int, requests: int, generation: int
+) -> dict[str, dict[str, list[Batch]]]:
+    """``rounds`` paired rounds on a fresh set of worker processes."""
+    results: dict[str, dict[str, list[Batch]]] = {r: {v: [] for v in PAIR_VARIANTS} for r in ROUTES}
+    workers = {v: Worker(ctx, v) for v in PAIR_VARIANTS}
+    try:
+        for w in workers.values():
+            w.wait_ready()
+        for round_index in range(rounds):
+            offset = (generation * rounds + round_index) * requests
+            for route in ROUTES:
+                for variant in round_order(round_index):
+                    results[route][variant].append(workers[variant].batch(route, requests, offset))
+    finally:
+        for w in workers.values():
+            w.stop()
+    return results
+
+
+def _speed(by_variant: dict[str, list[Batch]], variant: str, baseline: str) -> Paired:
+    return paired_ratios(
+        [b.cpu_us for b in by_variant[baseline]], [b.cpu_us for b in by_variant[variant]]
+    )
+
+
+def generation_speed(
+    by_generation: list[dict[str, list[Batch]]], variant: str, baseline: str
+) -> Paired:
+    """The median speed of each set of processes, summarised over the sets."""
+    return Paired.of([_speed(g, variant, baseline).median for g in by_generation])
+
+
+def pairs_table(
+    route: str, by_generation: list[dict[str, list[Batch]]], requests: int, rounds: int
+) -> Table:
+    table = Table(
+        f"{ROUTE_TITLES[route]}: {requests} requests x {rounds} rounds per variant, one process "
+        f"each, {len(by_generation)} sets of processes",
+        ["variant", "CPU us/req", "speed vs bare", "speed vs production", "errors"],
+    )
+    for variant in PAIR_VARIANTS:
+        batches = [b for g in by_generation for b in g[variant]]
+        table.add(
+            LABELS[variant],
+            fmt_int(Spread.of([b.cpu_us for b in batches]).median),
+            "1.00x"
+            if variant == "bare"
+            else generation_speed(by_generation, variant, "bare").ratio_text(),
+            "1.00x"
+            if variant == "production"
+            else generation_speed(by_generation, variant, "production").ratio_text(),
+            sum(b.errors for b in batches),
+        )
+    for variant in TARGET_VARIANTS:
+        table.notes.append(
+            f"{LABELS[variant]}, each set's median speed vs bare: "
+            + ", ".join(f"{_speed(g, variant, 'bare').median:.2f}x" for g in by_generation)
+        )
+    return table
+
+
+def pairs_targets(route: str, by_generation: list[dict[str, list[Batch]]]) -> list[Target]:
+    targets = []
+    for variant in TARGET_VARIANTS:
+        vs_bare = generation_speed(by_generation, variant, "bare")
+        vs_prod = generation_speed(by_generation, variant, "production")
+        errors = sum(b.errors for g in by_generation for b in g[variant])
+        targets.append(
+            Target(
+                f"in-process CPU head to head, {ROUTE_TITLES[route]}, {LABELS[variant]}",
+                ">= 1.00x bare and > 1.00x production (median over sets of processes)",
+                f"{vs_bare.ratio_text()} bare, {vs_prod.ratio_text()} production"
+                + (f", {errors} errors" if errors else ""),
+                vs_bare.median >= 1.0 and vs_prod.median > 1.0 and errors == 0,
+            )
+        )
+    return targets
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--worker"]:
+        worker(sys.argv[2:])
+    else:
+        raise SystemExit("run it through `python -m benchmarks --only inproc_pairs`")
