@@ -2,7 +2,7 @@
 
 Examples::
 
-    python -m benchmarks                          # everything, ~50 minutes on 2 cores
+    python -m benchmarks                          # everything, ~55 minutes on 2 cores
     python -m benchmarks --profile quick          # everything, ~7 minutes
     python -m benchmarks --only checkout burst    # some comparisons
     DBPOOL_BENCH_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/test python -m benchmarks

@@ -50,7 +50,7 @@ READ_ONLY_GOAL = 1.5
 
 @dataclass(frozen=True)
 class Profile:
-    """How big each comparison is. ``full`` takes about fifty minutes on 2 cores."""
+    """How big each comparison is. ``full`` takes about 55 minutes on 2 cores."""
 
     name: str
     rounds: int
