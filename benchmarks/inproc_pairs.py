@@ -38,12 +38,11 @@ from .common import (
     Table,
     Target,
     fmt_int,
-    paired_ratios,
     run_async,
     running,
 )
 from .http_pairs import PAIR_VARIANTS, TARGET_VARIANTS, round_order
-from .overhead import ROUTE_TITLES, ROUTES, Batch, measure, path_of
+from .overhead import ROUTE_TITLES, ROUTES, Batch, measure, path_of, slice_speed
 
 # -- the worker: one variant, commands on stdin, answers on stdout ------------------------
 
@@ -211,17 +210,11 @@ def _generation(
     return results
 
 
-def _speed(by_variant: dict[str, list[Batch]], variant: str, baseline: str) -> Paired:
-    return paired_ratios(
-        [b.cpu_us for b in by_variant[baseline]], [b.cpu_us for b in by_variant[variant]]
-    )
-
-
 def generation_speed(
     by_generation: list[dict[str, list[Batch]]], variant: str, baseline: str
 ) -> Paired:
     """The median speed of each set of processes, summarised over the sets."""
-    return Paired.of([_speed(g, variant, baseline).median for g in by_generation])
+    return Paired.of([slice_speed(g, variant, baseline).median for g in by_generation])
 
 
 def pairs_table(
@@ -248,7 +241,7 @@ def pairs_table(
     for variant in TARGET_VARIANTS:
         table.notes.append(
             f"{LABELS[variant]}, each set's median speed vs bare: "
-            + ", ".join(f"{_speed(g, variant, 'bare').median:.2f}x" for g in by_generation)
+            + ", ".join(f"{slice_speed(g, variant, 'bare').median:.2f}x" for g in by_generation)
         )
     return table
 
