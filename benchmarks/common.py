@@ -386,6 +386,22 @@ class Target:
         return {True: "MET", False: "MISSED", None: "n/a"}[self.met]
 
 
+def head_to_head_target(
+    name: str, judged_on: str, vs_bare: Paired, vs_production: Paired, errors: str = ""
+) -> Target:
+    """The issue's "at least as fast as bare, ahead of production" target, from paired speeds.
+
+    ``errors`` names failed requests (``"3 errors"``); any makes the target missed.
+    """
+    return Target(
+        name,
+        f">= 1.00x bare and > 1.00x production ({judged_on})",
+        f"{vs_bare.ratio_text()} bare, {vs_production.ratio_text()} production"
+        + (f", {errors}" if errors else ""),
+        vs_bare.median >= 1.0 and vs_production.median > 1.0 and not errors,
+    )
+
+
 @dataclass
 class Report:
     """What one comparison found."""

@@ -28,6 +28,7 @@ from .common import (
     Table,
     Target,
     fmt_int,
+    head_to_head_target,
     paired_ratios,
 )
 from .http_throughput import ROUTE_TITLES, ROUTES, Run, load, runs_data, servers
@@ -162,12 +163,12 @@ def pairs_targets(route: str, concurrency: int, by_variant: dict[str, list[Run]]
         vs_prod = _speed(by_variant, variant, "production")
         errors = sum(r.load.non_2xx + r.load.socket_errors for r in by_variant[variant])
         targets.append(
-            Target(
+            head_to_head_target(
                 f"HTTP req/s head to head, {ROUTE_TITLES[route]} @{concurrency}, {LABELS[variant]}",
-                ">= 1.00x bare and > 1.00x production (median of paired rounds)",
-                f"{vs_bare.ratio_text()} bare, {vs_prod.ratio_text()} production"
-                + (f", {errors} non-2xx/errors" if errors else ""),
-                vs_bare.median >= 1.0 and vs_prod.median > 1.0 and errors == 0,
+                "median of paired rounds",
+                vs_bare,
+                vs_prod,
+                f"{errors} non-2xx/errors" if errors else "",
             )
         )
     return targets

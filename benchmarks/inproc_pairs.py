@@ -38,6 +38,7 @@ from .common import (
     Table,
     Target,
     fmt_int,
+    head_to_head_target,
     run_async,
     running,
 )
@@ -253,12 +254,12 @@ def pairs_targets(route: str, by_generation: list[dict[str, list[Batch]]]) -> li
         vs_prod = generation_speed(by_generation, variant, "production")
         errors = sum(b.errors for g in by_generation for b in g[variant])
         targets.append(
-            Target(
+            head_to_head_target(
                 f"in-process CPU head to head, {ROUTE_TITLES[route]}, {LABELS[variant]}",
-                ">= 1.00x bare and > 1.00x production (median over sets of processes)",
-                f"{vs_bare.ratio_text()} bare, {vs_prod.ratio_text()} production"
-                + (f", {errors} errors" if errors else ""),
-                vs_bare.median >= 1.0 and vs_prod.median > 1.0 and errors == 0,
+                "median over sets of processes",
+                vs_bare,
+                vs_prod,
+                f"{errors} errors" if errors else "",
             )
         )
     return targets

@@ -50,3 +50,18 @@ def test_paired_ignores_pairs_without_a_reference() -> None:
     speed = paired_ratios([1.0, 2.0], [0.0, 1.0])
     assert speed.pairs == 1 and speed.median == 2.0
     assert Paired.of([]).ratio_text() == "-"
+
+
+def test_head_to_head_target_needs_bare_parity_production_lead_and_no_errors() -> None:
+    from benchmarks.common import head_to_head_target
+
+    ahead = paired_ratios([110, 105, 120], [100, 100, 100])
+    level = paired_ratios([100, 100, 100], [100, 100, 100])
+    behind = paired_ratios([90, 95, 99], [100, 100, 100])
+    met = head_to_head_target("t", "median of paired rounds", level, ahead)
+    assert met.met is True
+    assert met.goal == ">= 1.00x bare and > 1.00x production (median of paired rounds)"
+    assert head_to_head_target("t", "x", behind, ahead).met is False
+    assert head_to_head_target("t", "x", ahead, level).met is False
+    failed = head_to_head_target("t", "x", ahead, ahead, "2 errors")
+    assert failed.met is False and failed.measured.endswith(", 2 errors")
