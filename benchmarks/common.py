@@ -716,6 +716,8 @@ async def running(app: ASGIApp) -> AsyncIterator[ASGIApp]:
             scope = {**scope, "state": dict(state)}
         await app(scope, receive, send)
 
+    # Where validations() finds the library's runtime, when the app is the library's.
+    setattr(with_state, "lifespan_state", state)  # noqa: B010 (a function's attribute)
     try:
         yield with_state
     finally:
@@ -724,6 +726,24 @@ async def running(app: ASGIApp) -> AsyncIterator[ASGIApp]:
         await task
         if message["type"] != "lifespan.shutdown.complete":
             raise RuntimeError(f"shutdown failed: {message.get('message')}")
+
+
+def validations(app: ASGIApp) -> Callable[[], int] | None:
+    """For an app from ``running``: how many idle validations its pools have made so far.
+
+    None for an app that is not the library's. Idle validation (``DB_PRE_PING_IDLE``,
+    0.5 s by default) pings a connection that sat idle that long before handing it out: a
+    benchmark that leaves a variant idle between its batches makes it pay that round trip
+    where a service under load does not, and reports how often it did.
+    """
+    from fastapi_dbpool.context import STATE_KEY
+
+    state = getattr(app, "lifespan_state", None) or {}
+    runtime = state.get(STATE_KEY)
+    if runtime is None:
+        return None
+    pools = [db.stats for db in runtime.databases.values()]
+    return lambda: sum(stats.validations for stats in pools)
 
 
 async def _lifespan_reply(

@@ -14,7 +14,15 @@ A process keeps its own speed for its lifetime: with one set of processes for a 
 run, the rounds' ratios agree with each other and not with the next run's. So the workers
 are started afresh every ``GENERATION_ROUNDS`` rounds, each set gives its median ratio,
 and the report gives the median of those over the sets, with its 95% interval
-(``common.Paired``) and range.
+(``common.Paired``) and range. A fifth worker runs bare again: its speed against the first
+bare is what two processes of the same code measure here (an A/A control).
+
+The batches are short (``BATCH_REQUESTS``): a variant waits while the four others run
+theirs, and that wait must stay below ``DB_PRE_PING_IDLE`` (0.5 s) or its connections come
+back to it as idle ones, validated with a round trip each, which a service under load
+does not pay (an earlier version with 150-request batches left each variant ~0.6 s idle:
+~0.05 validations per request, 8 per batch). Each batch reports the library's idle
+validations per request, so the report shows whether the waits stayed short.
 """
 
 from __future__ import annotations
@@ -41,9 +49,45 @@ from .common import (
     head_to_head_target,
     run_async,
     running,
+    validations,
 )
-from .http_pairs import PAIR_VARIANTS, TARGET_VARIANTS, round_order
-from .overhead import ROUTE_TITLES, ROUTES, Batch, measure, path_of, slice_speed
+from .http_pairs import PAIR_VARIANTS, TARGET_VARIANTS
+from .overhead import (
+    ROUTE_TITLES,
+    ROUTES,
+    Batch,
+    measure,
+    path_of,
+    slice_speed,
+    validations_per_request,
+)
+
+#: The A/A control: a second worker running the bare variant.
+CONTROL = "bare_again"
+#: The workers of a set: the four variants of the targets and the control.
+WORKERS: tuple[str, ...] = (*PAIR_VARIANTS, CONTROL)
+#: Requests per batch (full profile): ~70 ms each, so a variant waits ~0.3 s while the four
+#: others run theirs, below DB_PRE_PING_IDLE (0.5 s).
+BATCH_REQUESTS = 50
+
+
+def app_variant(worker: str) -> str:
+    """The app a worker runs (the control runs bare)."""
+    return "bare" if worker == CONTROL else worker
+
+
+def label(worker: str) -> str:
+    """The worker's row label."""
+    if worker == CONTROL:
+        return "plain, bare again (second process, A/A control)"
+    return LABELS[worker]
+
+
+def round_order(round_index: int) -> list[str]:
+    """Forward on even rounds, backward on odd ones."""
+    order = list(WORKERS)
+    return order if round_index % 2 == 0 else order[::-1]
+
 
 # -- the worker: one variant, commands on stdin, answers on stdout ------------------------
 
@@ -52,6 +96,7 @@ async def _serve(variant: str, url: str, items: int, concurrency: int) -> None:
     config = AppConfig(url=url)
     loop = asyncio.get_running_loop()
     async with running(build_app(variant, config)) as app:
+        validated = validations(app)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
             for route in ROUTES:
@@ -64,7 +109,11 @@ async def _serve(variant: str, url: str, items: int, concurrency: int) -> None:
                     return
                 route, requests, offset = line.split()
                 batch = await measure(
-                    client, path_of(route, items, int(offset)), int(requests), concurrency
+                    client,
+                    path_of(route, items, int(offset)),
+                    int(requests),
+                    concurrency,
+                    validated,
                 )
                 print("BATCH " + json.dumps(batch.__dict__), flush=True)
 
@@ -85,8 +134,8 @@ def worker(argv: list[str]) -> None:
 class Worker:
     """One variant's worker process."""
 
-    def __init__(self, ctx: BenchContext, variant: str) -> None:
-        self.variant = variant
+    def __init__(self, ctx: BenchContext, name: str) -> None:
+        self.variant = name
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -94,7 +143,7 @@ class Worker:
                 "benchmarks.inproc_pairs",
                 "--worker",
                 "--variant",
-                variant,
+                app_variant(name),
                 "--url",
                 ctx.database_url,
                 "--items",
@@ -146,17 +195,18 @@ class Worker:
 #: and at 0.95x-0.97x bare, each with a narrow interval): fresh processes every this many
 #: rounds, and the targets judged on each set's median.
 GENERATION_ROUNDS = 10
+#: Rounds per run, in units of the profile's ``pair_rounds`` (full: 180 rounds, 18 sets).
+ROUNDS_PER_PAIR_ROUND = 6
 
 
 def run(ctx: BenchContext) -> Report:
     profile = ctx.profile
-    # Batches here are short (~0.3 s): twice 1b's rounds, for about the same time.
-    rounds = 2 * profile.pair_rounds
+    rounds = ROUNDS_PER_PAIR_ROUND * profile.pair_rounds
     generations = max(1, rounds // GENERATION_ROUNDS)
     per_generation = max(1, rounds // generations)
-    requests = max(10, profile.inproc_requests // 10)
+    requests = max(10, min(BATCH_REQUESTS, profile.inproc_requests // 10))
     ctx.log(
-        f"in-process head to head: {generations} sets of {len(PAIR_VARIANTS)} worker processes, "
+        f"in-process head to head: {generations} sets of {len(WORKERS)} worker processes, "
         f"{per_generation} rounds each, {requests} requests per variant and route"
     )
     results: list[dict[str, dict[str, list[Batch]]]] = []
@@ -173,7 +223,9 @@ def run(ctx: BenchContext) -> Report:
         "worker's time.process_time() over its batch, per request; a set's speed = the median "
         "of baseline CPU / variant CPU per round; shown over the sets: median [95% interval "
         "of the median, from 6 sets on] (lowest-highest, sets where the variant was faster "
-        "/ sets)."
+        "/ sets). The A/A control runs bare in a second process: its speed vs bare is what "
+        "this measure reads for the same code. Idle validations per request: pings of "
+        "connections idle longer than DB_PRE_PING_IDLE between batches (0 at load)."
     )
     report.data = {
         "requests_per_batch": requests,
@@ -195,8 +247,8 @@ def _generation(
     ctx: BenchContext, rounds: int, requests: int, generation: int
 ) -> dict[str, dict[str, list[Batch]]]:
     """``rounds`` paired rounds on a fresh set of worker processes."""
-    results: dict[str, dict[str, list[Batch]]] = {r: {v: [] for v in PAIR_VARIANTS} for r in ROUTES}
-    workers = {v: Worker(ctx, v) for v in PAIR_VARIANTS}
+    results: dict[str, dict[str, list[Batch]]] = {r: {v: [] for v in WORKERS} for r in ROUTES}
+    workers = {v: Worker(ctx, v) for v in WORKERS}
     try:
         for w in workers.values():
             w.wait_ready()
@@ -224,12 +276,19 @@ def pairs_table(
     table = Table(
         f"{ROUTE_TITLES[route]}: {requests} requests x {rounds} rounds per variant, one process "
         f"each, {len(by_generation)} sets of processes",
-        ["variant", "CPU us/req", "speed vs bare", "speed vs production", "errors"],
+        [
+            "variant",
+            "CPU us/req",
+            "speed vs bare",
+            "speed vs production",
+            "idle validations/req",
+            "errors",
+        ],
     )
-    for variant in PAIR_VARIANTS:
+    for variant in WORKERS:
         batches = [b for g in by_generation for b in g[variant]]
         table.add(
-            LABELS[variant],
+            label(variant),
             fmt_int(Spread.of([b.cpu_us for b in batches]).median),
             "1.00x"
             if variant == "bare"
@@ -237,11 +296,12 @@ def pairs_table(
             "1.00x"
             if variant == "production"
             else generation_speed(by_generation, variant, "production").ratio_text(),
+            f"{validations_per_request(batches):.3f}",
             sum(b.errors for b in batches),
         )
-    for variant in TARGET_VARIANTS:
+    for variant in (*TARGET_VARIANTS, CONTROL):
         table.notes.append(
-            f"{LABELS[variant]}, each set's median speed vs bare: "
+            f"{label(variant)}, each set's median speed vs bare: "
             + ", ".join(f"{slice_speed(g, variant, 'bare').median:.2f}x" for g in by_generation)
         )
     return table

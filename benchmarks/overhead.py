@@ -37,6 +37,7 @@ from .common import (
     rotated,
     run_async,
     running,
+    validations,
 )
 
 #: Route name, path for request ``i``.
@@ -54,6 +55,8 @@ class Batch:
     cpu_us: float
     wall_us: float
     errors: int
+    #: Idle validations (a ping each) per request; the library's variants only.
+    validations: float = 0.0
 
 
 async def measure(
@@ -61,8 +64,12 @@ async def measure(
     path: Callable[[int], str],
     requests: int,
     concurrency: int,
+    validated: Callable[[], int] | None = None,
 ) -> Batch:
-    """Send ``requests`` GETs from ``concurrency`` callers; CPU and wall time per request."""
+    """Send ``requests`` GETs from ``concurrency`` callers; CPU and wall time per request.
+
+    ``validated`` (``common.validations``) counts the library's idle validations.
+    """
     numbers = iter(range(requests))
     errors = 0
 
@@ -74,6 +81,7 @@ async def measure(
                 errors += 1
 
     gc.collect()
+    pings = validated() if validated is not None else 0
     cpu0, wall0 = time.process_time(), time.perf_counter()
     await asyncio.gather(*(caller() for _ in range(concurrency)))
     cpu1, wall1 = time.process_time(), time.perf_counter()
@@ -81,6 +89,7 @@ async def measure(
         cpu_us=(cpu1 - cpu0) / requests * 1e6,
         wall_us=(wall1 - wall0) / requests * 1e6,
         errors=errors,
+        validations=((validated() if validated is not None else 0) - pings) / requests,
     )
 
 
@@ -99,6 +108,7 @@ def merged(slices: Sequence[Batch]) -> Batch:
         cpu_us=sum(b.cpu_us for b in slices) / len(slices),
         wall_us=sum(b.wall_us for b in slices) / len(slices),
         errors=sum(b.errors for b in slices),
+        validations=sum(b.validations for b in slices) / len(slices),
     )
 
 
@@ -135,6 +145,7 @@ async def compare(
             )
             for name, app in apps.items()
         }
+        counters = {name: validations(app) for name, app in apps.items()}
         warmup = max(20, requests // 10)
         for route in routes:
             for client in clients.values():
@@ -153,6 +164,7 @@ async def compare(
                                 path_of(route, items, offset),
                                 size,
                                 profile.inproc_concurrency,
+                                counters[name],
                             )
                         )
                 for name, measured in parts.items():
@@ -261,14 +273,20 @@ def slice_speed(by_variant: dict[str, list[Batch]], name: str, baseline: str) ->
 
 
 def paired_notes(by_variant: dict[str, list[Batch]]) -> list[str]:
-    """Per-slice speeds of the variants with every feature on (what the targets judge)."""
+    """Per-slice speeds of the variants with every feature on, and their idle validations."""
     return [
         f"{LABELS[name]}, per slice ({len(by_variant[name])} pairs): "
         f"{slice_speed(by_variant, name, 'bare').ratio_text()} bare, "
-        f"{slice_speed(by_variant, name, 'production').ratio_text()} production"
+        f"{slice_speed(by_variant, name, 'production').ratio_text()} production; "
+        f"{validations_per_request(by_variant[name]):.3f} idle validations per request"
         for name in ("dbpool", "dbpool_instr")
         if name in by_variant
     ]
+
+
+def validations_per_request(batches: Sequence[Batch]) -> float:
+    """Idle validations (DB_PRE_PING_IDLE) per request over equal-sized batches."""
+    return sum(b.validations for b in batches) / len(batches) if batches else 0.0
 
 
 def overhead_targets(

@@ -285,6 +285,7 @@ class Database:
             dbapi_connection: Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
         ) -> None:
             if idle_longer_than(record, idle_limit):
+                self.stats.validations += 1
                 failure = ping(dbapi_connection)
                 if failure is not None:
                     # The pool discards this connection and tries a fresh one.

@@ -111,6 +111,7 @@ class PoolStats:
         "refused",
         "statement_timeouts",
         "use_time",
+        "validations",
         "wait_time",
         "waiting",
     )
@@ -123,6 +124,8 @@ class PoolStats:
         self.connect_failures = 0
         #: Requests answered 503 at once because DB_MAX_WAITING requests already waited.
         self.refused = 0
+        #: Idle connections validated at checkout (``DB_PRE_PING_IDLE``): one round trip each.
+        self.validations = 0
         self.wait_time = Histogram(WAIT_BUCKETS)
         self.create_time = Histogram(WAIT_BUCKETS)
         self.use_time = Histogram(USE_BUCKETS)
@@ -270,6 +273,7 @@ class InstrumentedQueuePool(AsyncAdaptedQueuePool):
         if limit is not None and idle_longer_than(record, limit):
             dbapi_connection: Any = record.dbapi_connection
             if dbapi_connection is not None:  # None: invalidated, SQLAlchemy reconnects it
+                self.dbpool_stats.validations += 1
                 try:
                     failure = ping(dbapi_connection)
                     if failure is not None:

@@ -228,6 +228,28 @@ async def test_a_connection_idle_past_pre_ping_idle_is_validated(
     assert response.json()["pid"] != first
 
 
+async def test_validations_are_counted_only_for_connections_that_sat_idle(
+    database_url: str,
+) -> None:
+    """The pool's ``validations`` counts the round trips idle validation made: none for a
+    connection back from use within DB_PRE_PING_IDLE, one for each checkout after that."""
+    app = pid_app(database_url, pre_ping_idle=1.0)
+    async with client_for(app) as client:
+        stats = get_runtime(app).databases["primary"].stats
+        first = await client.get("/pid")
+        returned = time.monotonic()
+        again = await client.get("/pid")
+        # Back to back: well within 1 s of the connection's return.
+        back_to_back = stats.validations
+        assert time.monotonic() - returned < 1.0, "the second request took a second"
+        await wait_until(lambda: time.monotonic() - returned > 1.05, timeout=5)
+        after_idle = await client.get("/pid")
+        validated = stats.validations
+    assert first.status_code == again.status_code == after_idle.status_code == 200
+    assert after_idle.json()["pid"] == first.json()["pid"]  # validated and kept
+    assert (back_to_back, validated) == (0, 1)
+
+
 async def test_a_connection_used_recently_is_not_validated(
     database_url: str, admin_url: str
 ) -> None:
