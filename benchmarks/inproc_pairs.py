@@ -20,15 +20,17 @@ bare is what two processes of the same code measure here (an A/A control).
 The batches are short (``BATCH_REQUESTS``): a variant waits while the four others run
 theirs, and that wait must stay below ``DB_PRE_PING_IDLE`` (0.5 s) or its connections come
 back to it as idle ones, validated with a round trip each, which a service under load
-does not pay (an earlier version with 150-request batches left each variant ~0.6 s idle:
-~0.05 validations per request, 8 per batch). Each batch reports the library's idle
-validations per request, so the report shows whether the waits stayed short.
+does not pay. With 150-request batches and a full garbage collection (~50 ms) before each,
+every connection of every batch was validated (~0.05 per request); with 50-request
+batches still 0.15 per request. Each batch reports the library's idle validations per
+request, so the report shows whether the waits stayed short.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -56,6 +58,7 @@ from .overhead import (
     ROUTE_TITLES,
     ROUTES,
     Batch,
+    frozen_heap,
     measure,
     path_of,
     slice_speed,
@@ -66,9 +69,10 @@ from .overhead import (
 CONTROL = "bare_again"
 #: The workers of a set: the four variants of the targets and the control.
 WORKERS: tuple[str, ...] = (*PAIR_VARIANTS, CONTROL)
-#: Requests per batch (full profile): ~70 ms each, so a variant waits ~0.3 s while the four
-#: others run theirs, below DB_PRE_PING_IDLE (0.5 s).
-BATCH_REQUESTS = 50
+#: Requests per batch (full profile): ~60 ms each, so a variant waits ~0.25-0.3 s while the
+#: four others run theirs, below DB_PRE_PING_IDLE (0.5 s). The heap is frozen after the
+#: warm-up (``overhead.frozen_heap``): the collection before each batch would add ~50 ms.
+BATCH_REQUESTS = 40
 
 
 def app_variant(worker: str) -> str:
@@ -95,12 +99,13 @@ def round_order(round_index: int) -> list[str]:
 async def _serve(variant: str, url: str, items: int, concurrency: int) -> None:
     config = AppConfig(url=url)
     loop = asyncio.get_running_loop()
-    async with running(build_app(variant, config)) as app:
+    async with running(build_app(variant, config)) as app, contextlib.AsyncExitStack() as frozen:
         validated = validations(app)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
             for route in ROUTES:
                 await measure(client, path_of(route, items, 0), 50, concurrency)
+            frozen.enter_context(frozen_heap())
             print("READY", flush=True)
             while True:
                 # Read in a thread: the event loop keeps running the app's background tasks.
