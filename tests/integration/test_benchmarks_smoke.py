@@ -102,15 +102,18 @@ async def test_every_benchmark_runs_with_tiny_sizes(database_url: str, tmp_path:
         )
         speed = pairs["speed"][case]["dbpool"]["vs_bare"]
         assert speed["pairs"] == pairs["rounds"] and speed["median"] > 0, speed
-    # In-process head to head (2d): every variant's worker answered every batch, per set.
+    # In-process head to head (2d): every variant's worker (and the A/A control's) answered
+    # every batch, per set; only the library's workers can have validated a connection.
     inproc = results["inproc_pairs"]["data"]
     assert len(inproc["batches"]) == inproc["generations"] >= 1
     for generation in inproc["batches"]:
         for by_variant in generation.values():
-            assert set(by_variant) == {"bare", "production", "dbpool", "dbpool_instr"}
-            for batches in by_variant.values():
+            assert set(by_variant) == {"bare", "production", "dbpool", "dbpool_instr", "bare_again"}
+            for name, batches in by_variant.items():
                 assert len(batches) == inproc["rounds_per_generation"]
                 assert all(b["errors"] == 0 and b["cpu_us"] > 0 for b in batches), batches
+                if not name.startswith("dbpool"):
+                    assert all(b["validations"] == 0 for b in batches), batches
     # Instructions were counted by callgrind for every batch (when valgrind is there).
     if shutil.which("valgrind"):
         parts = results["instructions"]["data"]["parts"]
