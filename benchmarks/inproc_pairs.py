@@ -30,11 +30,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 
 import httpx
 
@@ -98,29 +98,31 @@ def round_order(round_index: int) -> list[str]:
 
 async def _serve(variant: str, url: str, items: int, concurrency: int) -> None:
     config = AppConfig(url=url)
-    loop = asyncio.get_running_loop()
-    async with running(build_app(variant, config)) as app, contextlib.AsyncExitStack() as frozen:
-        validated = validations(app)
+    async with running(build_app(variant, config)) as app:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
             for route in ROUTES:
                 await measure(client, path_of(route, items, 0), 50, concurrency)
-            frozen.enter_context(frozen_heap())
-            print("READY", flush=True)
-            while True:
-                # Read in a thread: the event loop keeps running the app's background tasks.
-                line = await loop.run_in_executor(None, sys.stdin.readline)
-                if not line or line.strip() == "quit":
-                    return
-                route, requests, offset = line.split()
-                batch = await measure(
-                    client,
-                    path_of(route, items, int(offset)),
-                    int(requests),
-                    concurrency,
-                    validated,
-                )
-                print("BATCH " + json.dumps(batch.__dict__), flush=True)
+            with frozen_heap():
+                await _answer(client, items, concurrency, validations(app))
+
+
+async def _answer(
+    client: httpx.AsyncClient, items: int, concurrency: int, validated: Callable[[], int] | None
+) -> None:
+    """Measure a batch for each command on stdin, until ``quit``."""
+    loop = asyncio.get_running_loop()
+    print("READY", flush=True)
+    while True:
+        # Read in a thread: the event loop keeps running the app's background tasks.
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        if not line or line.strip() == "quit":
+            return
+        route, requests, offset = line.split()
+        batch = await measure(
+            client, path_of(route, items, int(offset)), int(requests), concurrency, validated
+        )
+        print("BATCH " + json.dumps(batch.__dict__), flush=True)
 
 
 def worker(argv: list[str]) -> None:
