@@ -142,7 +142,7 @@ class Worker:
     """One variant's worker process."""
 
     def __init__(self, ctx: BenchContext, name: str) -> None:
-        self.variant = name
+        self.name = name
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -170,7 +170,7 @@ class Worker:
         while True:
             line = self.process.stdout.readline()
             if not line:
-                raise RuntimeError(f"the {self.variant} worker exited ({self.process.wait()})")
+                raise RuntimeError(f"the {self.name} worker exited ({self.process.wait()})")
             if line.startswith(prefix):
                 return line[len(prefix) :]
 

@@ -23,7 +23,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from fastapi_dbpool import get_session
+from fastapi_dbpool import get_runtime, get_session
 from fastapi_dbpool.embedded import EmbeddedPostgres
 from fastapi_dbpool.engines import build_databases
 from fastapi_dbpool.failover import FAILOVER, RESTORATION, FailoverConnector, TargetCheck
@@ -388,3 +388,39 @@ async def test_read_only_primary_at_startup_is_skipped(
         assert state["targets"][0]["healthy"] is False
         assert state["targets"][0]["error"] == "read_only"
         assert state["targets"][0]["connections_opened"] == 0
+
+
+async def test_idle_validation_with_failover_is_counted_only_after_idle(
+    database_url: str,
+) -> None:
+    """With DATABASE_FAILOVER_URLS, idle validation runs in the pool's checkout event (not
+    in the pool's own method): the same rule, one round trip only for a connection idle
+    past DB_PRE_PING_IDLE, and the same counter."""
+    app = failover_app(
+        database_url,
+        database_url,
+        f"dbpool-fo-{uuid.uuid4().hex[:8]}",
+        pre_ping_idle=1.0,
+        pool_size=1,
+        max_overflow=0,
+    )
+    async with client_for(app) as client:
+        stats = get_runtime(app).databases["primary"].stats
+        assert get_runtime(app).databases["primary"].failover is not None
+        first = await client.get("/port")
+        returned = time.monotonic()
+        again = await client.get("/port")
+        back_to_back = stats.validations
+        assert time.monotonic() - returned < 1.0, "the second request took a second"
+        await until(_after(returned, 1.05), timeout=5, what="1.05 s idle")
+        after_idle = await client.get("/port")
+        validated = stats.validations
+    assert first.status_code == again.status_code == after_idle.status_code == 200
+    assert (back_to_back, validated) == (0, 1)
+
+
+def _after(start: float, seconds: float) -> Callable[[], Awaitable[bool]]:
+    async def elapsed() -> bool:
+        return time.monotonic() - start > seconds
+
+    return elapsed
