@@ -22,6 +22,7 @@ from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction, UOWTran
 
 from .context import current_request
 from .errors import ConcurrentSessionUseError, NotInstalledError, ReadOnlySessionError
+from .greenlets import reusing_greenlets
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -70,7 +71,8 @@ class RequestSession(AsyncSession):
 
     asyncpg allows one operation per connection at a time; without this guard two tasks
     sharing a session fail with asyncpg's "another operation is in progress" or corrupt
-    the session's state.
+    the session's state. Its calls run in reused greenlets (``greenlets.py``): SQLAlchemy's
+    code, without a new greenlet's frame stack mapped and unmapped per call.
     """
 
     _dbpool_owner: asyncio.Task[Any] | None = None
@@ -94,21 +96,34 @@ class RequestSession(AsyncSession):
                 return False
         return True
 
-    execute = _guarded(AsyncSession.execute)
-    scalar = _guarded(AsyncSession.scalar)  # type: ignore[assignment,arg-type]
-    scalars = _guarded(AsyncSession.scalars)
-    get = _guarded(AsyncSession.get)
-    get_one = _guarded(AsyncSession.get_one)
-    stream = _guarded(AsyncSession.stream)
-    stream_scalars = _guarded(AsyncSession.stream_scalars)
-    refresh = _guarded(AsyncSession.refresh)
-    merge = _guarded(AsyncSession.merge)
-    delete = _guarded(AsyncSession.delete)
-    flush = _guarded(AsyncSession.flush)
-    commit = _guarded(AsyncSession.commit)
-    rollback = _guarded(AsyncSession.rollback)
-    run_sync = _guarded(AsyncSession.run_sync)
-    connection = _guarded(AsyncSession.connection)
+    execute = _guarded(reusing_greenlets(AsyncSession.execute))
+    scalar = _guarded(reusing_greenlets(AsyncSession.scalar))  # type: ignore[assignment,arg-type]
+    scalars = _guarded(reusing_greenlets(AsyncSession.scalars))
+    get = _guarded(reusing_greenlets(AsyncSession.get))
+    get_one = _guarded(reusing_greenlets(AsyncSession.get_one))
+    stream = _guarded(reusing_greenlets(AsyncSession.stream))
+    stream_scalars = _guarded(reusing_greenlets(AsyncSession.stream_scalars))
+    refresh = _guarded(reusing_greenlets(AsyncSession.refresh))
+    merge = _guarded(reusing_greenlets(AsyncSession.merge))
+    delete = _guarded(reusing_greenlets(AsyncSession.delete))
+    flush = _guarded(reusing_greenlets(AsyncSession.flush))
+    commit = _guarded(reusing_greenlets(AsyncSession.commit))
+    rollback = _guarded(reusing_greenlets(AsyncSession.rollback))
+    run_sync = _guarded(reusing_greenlets(AsyncSession.run_sync))
+    connection = _guarded(reusing_greenlets(AsyncSession.connection))
+
+
+def _reuse_greenlets(cls: type[AsyncSession]) -> None:
+    # The other methods that spawn a greenlet (close, invalidate, reset...): unguarded,
+    # as in AsyncSession; the release's close is one of them.
+    for name, method in vars(AsyncSession).items():
+        if name not in vars(cls):
+            rebound = reusing_greenlets(method)
+            if rebound is not method:
+                setattr(cls, name, rebound)
+
+
+_reuse_greenlets(RequestSession)
 
 
 class DBPoolSyncSession(Session):

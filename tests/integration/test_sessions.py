@@ -10,6 +10,7 @@ from typing import Any
 
 import anyio
 import asyncpg
+import greenlet
 import httpx
 import pytest
 from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException
@@ -21,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 import fastapi_dbpool as dbpool
 from fastapi_dbpool import get_session
 from fastapi_dbpool.drivers import RELEASE_TASK
+from fastapi_dbpool.sessions import DBPoolSyncSession
 from tests.helpers import wait_until
 from tests.helpers.apps import client_for, make_app, settings_for
 from tests.helpers.pg import app_backends, statement_active
@@ -612,3 +614,31 @@ async def test_a_finished_request_is_not_kept_alive_by_its_statement_timers(
     finally:
         gc.enable()
     assert alive == 0
+
+
+async def test_request_sessions_run_in_reused_greenlets(database_url: str) -> None:
+    # A new greenlet per session call maps and unmaps a frame stack chunk (greenlets.py);
+    # the request session's calls, its query and the release's close, reuse idle ones.
+    app = make_app(settings_for(database_url))
+    seen: list[Any] = []
+    released: list[Any] = []
+
+    @event.listens_for(DBPoolSyncSession, "after_transaction_end")
+    def closing(session: Any, transaction: Any) -> None:
+        released.append(greenlet.getcurrent())
+
+    @app.get("/greenlet")
+    async def which(session: AsyncSession = Depends(get_session)) -> dict[str, int]:
+        seen.append(await session.run_sync(lambda _: greenlet.getcurrent()))
+        return {"one": (await session.execute(text("SELECT 1"))).scalar_one()}
+
+    try:
+        async with client_for(app) as client:
+            for _ in range(5):
+                assert (await client.get("/greenlet")).json() == {"one": 1}
+    finally:
+        event.remove(DBPoolSyncSession, "after_transaction_end", closing)
+    # Each is kept alive by the lists: distinct greenlets would be distinct objects.
+    assert len(seen) == 5 and len({id(g) for g in seen}) == 1
+    assert seen[0] is not greenlet.getcurrent()
+    assert released and {id(g) for g in released} == {id(seen[0])}
