@@ -115,10 +115,13 @@ async def greenlet_spawn(
     if len(idle) < MAX_IDLE:
         idle.append(runner)
     if error is not None:
+        # As from SQLAlchemy's greenlet: not chained to an exception the caller handles.
+        context = error.__context__
         try:
             raise error
         finally:
-            error = None
+            error.__context__ = context
+            error = context = None
     if _require_await and not switched:
         raise exc.AwaitRequired(
             "The current operation required an async execution but none was "

@@ -17,6 +17,7 @@ from greenlet import greenlet as Greenlet
 from sqlalchemy import exc
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.util.concurrency import await_, in_greenlet
+from sqlalchemy.util.concurrency import greenlet_spawn as sqlalchemy_greenlet_spawn
 
 from fastapi_dbpool import greenlets
 from fastapi_dbpool.greenlets import MAX_IDLE, greenlet_spawn, idle_count
@@ -64,6 +65,20 @@ async def test_an_error_is_raised_with_its_traceback_and_the_greenlet_is_kept() 
     assert idle_count() == 1
     assert (await greenlet_spawn(waits_then_returns, 3))[0] == 3
     assert idle_count() == 1
+
+
+async def test_an_error_is_chained_as_sqlalchemy_chains_it() -> None:
+    def fails() -> None:
+        raise ValueError("inner")
+
+    for spawn in (sqlalchemy_greenlet_spawn, greenlet_spawn):
+        try:
+            try:
+                raise KeyError("outer")
+            except KeyError:
+                await spawn(fails)
+        except ValueError as error:
+            assert error.__context__ is None, spawn
 
 
 async def test_an_error_raised_while_awaiting_is_thrown_into_the_call() -> None:
