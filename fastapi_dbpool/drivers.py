@@ -31,11 +31,11 @@ import asyncpg
 from asyncpg.connection import _ConnectionProxy
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import PoolProxiedConnection
-from sqlalchemy.util.concurrency import greenlet_spawn
 
 from .breaker import is_connection_failure
 from .context import current_request
 from .errors import DeadlineExceededError, DriverReleasedError, NotInstalledError
+from .greenlets import greenlet_spawn
 from .telemetry import CLIENT_DEADLINE, STATEMENT_TIMEOUT
 
 if TYPE_CHECKING:

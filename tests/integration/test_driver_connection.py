@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import asyncpg
+import greenlet
 import httpx
 import pytest
 from fastapi import BackgroundTasks, Depends, FastAPI
@@ -576,3 +577,27 @@ async def test_a_driver_route_is_refused_at_the_door_while_the_queue_is_full(
     assert "busy" in refused.json()["detail"]
     # The refused request never reached the route's dependencies: 1 learned + 1 queued.
     assert ran["auth"] == 2
+
+
+async def test_checkout_runs_in_a_reused_greenlet(database_url: str) -> None:
+    # The pool's checkout runs in SQLAlchemy's greenlet context: a reused one
+    # (greenlets.py), not one made, mapped and unmapped per request.
+    app = _one_connection_app(database_url)
+    _add_pid_route(app)
+    seen: list[Any] = []
+
+    async with client_for(app) as client:
+        engine = _database(app).engine.sync_engine
+
+        def checkout(*_: Any) -> None:
+            seen.append(greenlet.getcurrent())
+
+        event.listen(engine, "checkout", checkout)
+        try:
+            pids = {(await client.get("/pid")).json()["pid"] for _ in range(5)}
+        finally:
+            event.remove(engine, "checkout", checkout)
+    assert len(pids) == 1
+    # Kept alive by the list: distinct greenlets would be distinct objects.
+    assert len(seen) == 5 and len({id(g) for g in seen}) == 1
+    assert seen[0] is not greenlet.getcurrent()
