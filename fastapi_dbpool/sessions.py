@@ -40,6 +40,9 @@ _MIDDLEWARE_MISSING = (
 
 
 def _guarded(method: F) -> F:
+    # SQLAlchemy's method, in reused greenlets (greenlets.py), refusing a second task.
+    method = reusing_greenlets(method)
+
     @functools.wraps(method)
     async def wrapper(self: RequestSession, *args: Any, **kwargs: Any) -> Any:
         task = asyncio.current_task()
@@ -96,21 +99,21 @@ class RequestSession(AsyncSession):
                 return False
         return True
 
-    execute = _guarded(reusing_greenlets(AsyncSession.execute))
-    scalar = _guarded(reusing_greenlets(AsyncSession.scalar))  # type: ignore[assignment,arg-type]
-    scalars = _guarded(reusing_greenlets(AsyncSession.scalars))
-    get = _guarded(reusing_greenlets(AsyncSession.get))
-    get_one = _guarded(reusing_greenlets(AsyncSession.get_one))
-    stream = _guarded(reusing_greenlets(AsyncSession.stream))
-    stream_scalars = _guarded(reusing_greenlets(AsyncSession.stream_scalars))
-    refresh = _guarded(reusing_greenlets(AsyncSession.refresh))
-    merge = _guarded(reusing_greenlets(AsyncSession.merge))
-    delete = _guarded(reusing_greenlets(AsyncSession.delete))
-    flush = _guarded(reusing_greenlets(AsyncSession.flush))
-    commit = _guarded(reusing_greenlets(AsyncSession.commit))
-    rollback = _guarded(reusing_greenlets(AsyncSession.rollback))
-    run_sync = _guarded(reusing_greenlets(AsyncSession.run_sync))
-    connection = _guarded(reusing_greenlets(AsyncSession.connection))
+    execute = _guarded(AsyncSession.execute)
+    scalar = _guarded(AsyncSession.scalar)  # type: ignore[assignment,arg-type]
+    scalars = _guarded(AsyncSession.scalars)
+    get = _guarded(AsyncSession.get)
+    get_one = _guarded(AsyncSession.get_one)
+    stream = _guarded(AsyncSession.stream)
+    stream_scalars = _guarded(AsyncSession.stream_scalars)
+    refresh = _guarded(AsyncSession.refresh)
+    merge = _guarded(AsyncSession.merge)
+    delete = _guarded(AsyncSession.delete)
+    flush = _guarded(AsyncSession.flush)
+    commit = _guarded(AsyncSession.commit)
+    rollback = _guarded(AsyncSession.rollback)
+    run_sync = _guarded(AsyncSession.run_sync)
+    connection = _guarded(AsyncSession.connection)
 
 
 def _reuse_greenlets(cls: type[AsyncSession]) -> None:
