@@ -162,8 +162,3 @@ def reusing_greenlets(method: F) -> F:
     rebound.__annotations__ = method.__annotations__
     rebound.__wrapped__ = method  # type: ignore[attr-defined]
     return cast(F, rebound)
-
-
-def idle_count() -> int:
-    """How many idle greenlets this thread keeps (for tests and diagnostics)."""
-    return len(_idle.runners)

@@ -28,6 +28,7 @@ from fastapi_dbpool.embedded import EmbeddedPostgres
 from fastapi_dbpool.engines import build_databases
 from fastapi_dbpool.failover import FAILOVER, RESTORATION, FailoverConnector, TargetCheck
 from fastapi_dbpool.sessions import RequestSession
+from tests.helpers import wait_until
 from tests.helpers.apps import client_for, free_port, make_app, settings_for
 from tests.helpers.pg import asyncpg_dsn
 
@@ -412,15 +413,8 @@ async def test_idle_validation_with_failover_is_counted_only_after_idle(
         again = await client.get("/port")
         back_to_back = stats.validations
         assert time.monotonic() - returned < 1.0, "the second request took a second"
-        await until(_after(returned, 1.05), timeout=5, what="1.05 s idle")
+        await wait_until(lambda: time.monotonic() - returned > 1.05, timeout=5)
         after_idle = await client.get("/port")
         validated = stats.validations
     assert first.status_code == again.status_code == after_idle.status_code == 200
     assert (back_to_back, validated) == (0, 1)
-
-
-def _after(start: float, seconds: float) -> Callable[[], Awaitable[bool]]:
-    async def elapsed() -> bool:
-        return time.monotonic() - start > seconds
-
-    return elapsed

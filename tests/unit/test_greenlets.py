@@ -20,7 +20,7 @@ from sqlalchemy.util.concurrency import await_, in_greenlet
 from sqlalchemy.util.concurrency import greenlet_spawn as sqlalchemy_greenlet_spawn
 
 from fastapi_dbpool import greenlets
-from fastapi_dbpool.greenlets import MAX_IDLE, greenlet_spawn, idle_count
+from fastapi_dbpool.greenlets import MAX_IDLE, greenlet_spawn
 from fastapi_dbpool.sessions import RequestSession
 
 REQUEST: contextvars.ContextVar[str] = contextvars.ContextVar("request", default="none")
@@ -30,6 +30,11 @@ REQUEST: contextvars.ContextVar[str] = contextvars.ContextVar("request", default
 def no_idle_runners() -> None:
     # Each test starts with this thread's free list empty.
     greenlets._idle.runners.clear()
+
+
+def idle_count() -> int:
+    """How many idle greenlets this thread keeps."""
+    return len(greenlets._idle.runners)
 
 
 async def answer(value: Any) -> Any:
